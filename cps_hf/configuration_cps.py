@@ -1,0 +1,83 @@
+"""Configuration of one CPS segmentation network: a timm backbone under a DeepLabv3+ head.
+
+CPS trains two of these networks with the same backbone weights and differently initialised
+heads; the exported model is one of them, so one config describes everything that is saved.
+"""
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+
+@strict
+class CPSConfig(PreTrainedConfig):
+    r"""
+    backbone (`str`, defaults to `"resnet50"`):
+        timm model name, built with `features_only=True`. The paper uses deep-stem ResNets
+        (`resnet50s`/`resnet101s`, the original's "v1c") and HRNet-W48.
+    backbone_kwargs (`dict`, defaults to `{}`):
+        Extra keyword arguments for `timm.create_model` (e.g. `{"drop_path_rate": 0.1}`).
+    backbone_out_indices (`list[int]`, *optional*):
+        Which backbone feature levels feed the decoder: `[low_level, high_level]`. Default: the
+        level with stride 4 and the last level.
+    output_stride (`int`, *optional*, defaults to 16):
+        Backbone output stride (16 or 8, by dilation). `None` keeps the backbone's own stride
+        (for timm models that cannot dilate, e.g. HRNet).
+    multi_grid (`list[int]`, *optional*):
+        Unit multi-grid of the last stage (DeepLabv3): block `i` of the last stage gets dilation
+        `stage_dilation * multi_grid[i]`. The original CPS code uses `[1, 2, 4]` at output
+        stride 16, i.e. dilations 2/4/8. ResNet-family backbones only.
+    aspp_rates (`list[int]`, defaults to `[6, 12, 18]`):
+        Dilation rates of the three 3x3 ASPP branches.
+    aspp_channels (`int`, defaults to 256):
+        Channels of each ASPP branch and of the ASPP output.
+    low_level_channels (`int`, defaults to 48):
+        Channels of the stride-4 projection in the decoder.
+    decoder_channels (`int`, defaults to 256):
+        Channels of the two 3x3 decoder convolutions.
+    classifier_dropout (`float`, defaults to 0.0):
+        Dropout before the classifier (the original uses none).
+    align_corners (`bool`, defaults to `True`):
+        Bilinear upsampling convention inside the head and for the final resize (the original's).
+    norm_eps (`float`, defaults to 1e-5) and norm_momentum (`float`, defaults to 0.1):
+        BatchNorm settings of the head (the original's).
+    semantic_loss_ignore_index (`int`, defaults to 255):
+        Label value ignored by the loss (VOC borders, Cityscapes void).
+    backbone_pretrained_source (`str`, *optional*):
+        Provenance only: where the backbone weights came from when training started (a timm
+        pretrained tag or a file name). Never used to download anything.
+    """
+
+    model_type = "cps_deeplabv3plus"
+
+    backbone: str = "resnet50"
+    backbone_kwargs: dict | None = None
+    backbone_out_indices: list[int] | tuple[int, ...] | None = None
+    output_stride: int | None = 16
+    multi_grid: list[int] | tuple[int, ...] | None = None
+    aspp_rates: list[int] | tuple[int, ...] = (6, 12, 18)
+    aspp_channels: int = 256
+    low_level_channels: int = 48
+    decoder_channels: int = 256
+    classifier_dropout: float | int = 0.0
+    align_corners: bool = True
+    norm_eps: float = 1e-5
+    norm_momentum: float = 0.1
+    semantic_loss_ignore_index: int = 255
+    backbone_pretrained_source: str | None = None
+
+    def validate_architecture(self):
+        """Fail early, naming the field, instead of deep inside timm or a conv layer."""
+        if self.output_stride not in (None, 8, 16, 32):
+            raise ValueError(f"CPSConfig.output_stride must be 8, 16, 32 or None, got {self.output_stride!r}")
+        if len(self.aspp_rates) != 3:
+            raise ValueError(f"CPSConfig.aspp_rates needs three rates (DeepLabv3+), got {list(self.aspp_rates)}")
+        if self.backbone_out_indices is not None and len(self.backbone_out_indices) != 2:
+            raise ValueError(
+                "CPSConfig.backbone_out_indices must be [low_level_index, high_level_index], "
+                f"got {list(self.backbone_out_indices)}"
+            )
+        if self.num_labels < 1:
+            raise ValueError(f"CPSConfig.num_labels must be positive, got {self.num_labels}")
+
+
+__all__ = ["CPSConfig"]

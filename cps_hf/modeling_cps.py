@@ -1,0 +1,261 @@
+"""One CPS segmentation network: a timm backbone under the DeepLabv3+ head of the original CPS code.
+
+Read top to bottom: building blocks (backbone taps, ASPP, decoder), then the `PreTrainedModel`
+base that knows how to initialise only the head, then the semantic-segmentation model.
+"""
+
+from __future__ import annotations
+
+import os
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import SemanticSegmenterOutput
+
+from .configuration_cps import CPSConfig
+
+
+# ---------------------------------------------------------------------------------------------
+# Backbone
+# ---------------------------------------------------------------------------------------------
+
+
+def _default_out_indices(feature_info) -> list[int]:
+    """The decoder needs the stride-4 level (low-level detail) and the last level (semantics)."""
+    reductions = feature_info.reduction()
+    stride4 = [i for i, r in enumerate(reductions) if r == 4]
+    if not stride4:
+        raise ValueError(
+            f"backbone has no stride-4 feature level (reductions {reductions}); "
+            "set CPSConfig.backbone_out_indices=[low_level_index, high_level_index]"
+        )
+    return [stride4[0], len(reductions) - 1]
+
+
+def _apply_multi_grid(stage: nn.Module, multi_grid, backbone_name: str) -> None:
+    """Give block i of the last ResNet stage dilation `stage_dilation * multi_grid[i]` (DeepLabv3).
+
+    timm dilates the last stage uniformly (and leaves its first block undilated); the original
+    CPS backbone uses multi-grid 1/2/4 on top of the stage dilation, i.e. 2/4/8 at stride 16.
+    """
+    blocks = list(stage.children())
+    if not blocks or not all(hasattr(block, "conv2") for block in blocks):
+        raise ValueError(f"CPSConfig.multi_grid needs a ResNet-family backbone, got {backbone_name!r}")
+    stage_dilation = max(block.conv2.dilation[0] for block in blocks)
+    for index, block in enumerate(blocks):
+        dilation = stage_dilation * multi_grid[index % len(multi_grid)]
+        # Bottleneck: conv2 is the 3x3; BasicBlock: conv1 and conv2 both are.
+        for conv in (getattr(block, "conv1", None), block.conv2):
+            if isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3) and conv.stride == (1, 1):
+                conv.dilation = (dilation, dilation)
+                conv.padding = (dilation, dilation)
+
+
+def _create_timm(name: str, pretrained: bool, kwargs: dict) -> nn.Module:
+    try:
+        return timm.create_model(name, features_only=True, pretrained=pretrained, **kwargs)
+    except (AssertionError, TypeError) as error:
+        raise ValueError(
+            f"timm could not build backbone {name!r} with {kwargs}: {error!r}. "
+            "Backbones that cannot dilate (e.g. HRNet) need CPSConfig.output_stride=None."
+        ) from error
+
+
+def create_backbone(config: CPSConfig, pretrained: bool = False, checkpoint_path: str | None = None) -> nn.Module:
+    """A timm `features_only` network with explicit taps; random weights unless asked otherwise."""
+    kwargs = dict(config.backbone_kwargs or {})
+    if config.output_stride is not None:
+        kwargs["output_stride"] = config.output_stride
+    if config.backbone_out_indices is not None:
+        kwargs["out_indices"] = tuple(config.backbone_out_indices)
+    if "out_indices" not in kwargs:
+        # Explicit taps: find the stride-4 and last levels on a weightless (meta) copy first.
+        with torch.device("meta"):
+            probe = _create_timm(config.backbone, False, kwargs)
+        indices = _default_out_indices(probe.feature_info)
+        kwargs["out_indices"] = tuple(probe.feature_info.out_indices[i] for i in indices)
+    if checkpoint_path is not None:
+        kwargs["pretrained_cfg_overlay"] = dict(file=os.fspath(checkpoint_path))
+    backbone = _create_timm(config.backbone, pretrained or checkpoint_path is not None, kwargs)
+    if config.multi_grid:
+        stage_name = backbone.feature_info.module_name()[-1]
+        _apply_multi_grid(getattr(backbone, stage_name), config.multi_grid, config.backbone)
+    return backbone
+
+
+# ---------------------------------------------------------------------------------------------
+# Head blocks
+# ---------------------------------------------------------------------------------------------
+
+
+class CPSASPP(nn.Module):
+    """The original CPS ASPP: four conv branches -> concat -> BN+LeakyReLU -> 1x1, plus an image-pooling
+    branch *added* (not concatenated) before the final BN+LeakyReLU."""
+
+    def __init__(self, config: CPSConfig, in_channels: int):
+        super().__init__()
+        hidden = config.aspp_channels
+        self.branches = nn.ModuleList([nn.Conv2d(in_channels, hidden, 1, bias=False)])
+        for rate in config.aspp_rates:
+            self.branches.append(nn.Conv2d(in_channels, hidden, 3, padding=rate, dilation=rate, bias=False))
+        self.branches_norm = nn.BatchNorm2d(4 * hidden, eps=config.norm_eps, momentum=config.norm_momentum)
+        self.reduce = nn.Conv2d(4 * hidden, hidden, 1, bias=False)
+        self.pool_conv = nn.Conv2d(in_channels, hidden, 1, bias=False)
+        self.pool_norm = nn.BatchNorm2d(hidden, eps=config.norm_eps, momentum=config.norm_momentum)
+        self.pool_reduce = nn.Conv2d(hidden, hidden, 1, bias=False)
+        self.out_norm = nn.BatchNorm2d(hidden, eps=config.norm_eps, momentum=config.norm_momentum)
+        self.act = nn.LeakyReLU(0.01)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        out = torch.cat([branch(features) for branch in self.branches], dim=1)
+        out = self.reduce(self.act(self.branches_norm(out)))
+        pooled = F.adaptive_avg_pool2d(features, 1)
+        pooled = self.pool_reduce(self.act(self.pool_norm(self.pool_conv(pooled))))
+        return self.act(self.out_norm(out + pooled))
+
+
+class CPSDecoder(nn.Module):
+    """DeepLabv3+ decoder: 48-channel stride-4 projection, concat with upsampled ASPP, two 3x3 convs."""
+
+    def __init__(self, config: CPSConfig, low_level_in: int):
+        super().__init__()
+        bn = dict(eps=config.norm_eps, momentum=config.norm_momentum)
+        self.align_corners = config.align_corners
+        self.low_level = nn.Sequential(
+            nn.Conv2d(low_level_in, config.low_level_channels, 1, bias=False),
+            nn.BatchNorm2d(config.low_level_channels, **bn),
+            nn.ReLU(inplace=True),
+        )
+        fused = config.aspp_channels + config.low_level_channels
+        self.fuse = nn.Sequential(
+            nn.Conv2d(fused, config.decoder_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(config.decoder_channels, **bn),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(config.decoder_channels, config.decoder_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(config.decoder_channels, **bn),
+            nn.ReLU(inplace=True),
+        )
+
+    def forward(self, low_level: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        low_level = self.low_level(low_level)
+        context = F.interpolate(context, size=low_level.shape[-2:], mode="bilinear", align_corners=self.align_corners)
+        return self.fuse(torch.cat([context, low_level], dim=1))
+
+
+class CPSDeepLabV3PlusHead(nn.Module):
+    """ASPP + decoder + classifier; everything CPS initialises differently in its two networks."""
+
+    def __init__(self, config: CPSConfig, low_level_in: int, high_level_in: int):
+        super().__init__()
+        self.aspp = CPSASPP(config, high_level_in)
+        self.decoder = CPSDecoder(config, low_level_in)
+        self.dropout = nn.Dropout2d(config.classifier_dropout) if config.classifier_dropout > 0 else nn.Identity()
+        self.classifier = nn.Conv2d(config.decoder_channels, config.num_labels, 1, bias=True)
+
+    def forward(self, low_level: torch.Tensor, high_level: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(self.decoder(low_level, self.aspp(high_level))))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pretrained model base
+# ---------------------------------------------------------------------------------------------
+
+
+class CPSPreTrainedModel(PreTrainedModel):
+    config: CPSConfig
+    config_class = CPSConfig
+    base_model_prefix = "cps"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Initialise the head only, as the original: kaiming-normal (fan_in, relu) convs, BN 1/0.
+
+        The backbone is left alone: timm has initialised it (or pretrained weights are loaded into
+        it later), and transformers' generic init would wipe its weights and BN statistics.
+        The classifier bias keeps PyTorch's default init, like the original.
+        """
+        if not isinstance(module, CPSDeepLabV3PlusHead):
+            return
+        for sub in module.modules():
+            if isinstance(sub, nn.Conv2d):
+                init.kaiming_normal_(sub.weight, mode="fan_in", nonlinearity="relu")
+                if sub.bias is not None:
+                    bound = 1.0 / (sub.weight[0].numel() ** 0.5)
+                    init.uniform_(sub.bias, -bound, bound)
+            elif isinstance(sub, nn.BatchNorm2d):
+                init.ones_(sub.weight)
+                init.zeros_(sub.bias)
+                init.zeros_(sub.running_mean)
+                init.ones_(sub.running_var)
+                init.zeros_(sub.num_batches_tracked)
+
+
+# ---------------------------------------------------------------------------------------------
+# Semantic segmentation model
+# ---------------------------------------------------------------------------------------------
+
+
+class CPSForSemanticSegmentation(CPSPreTrainedModel):
+    """DeepLabv3+ on a timm backbone; `logits` come back at the input resolution."""
+
+    def __init__(self, config: CPSConfig):
+        super().__init__(config)
+        self.backbone = create_backbone(config)
+        low_in, high_in = self.backbone.feature_info.channels()[-2:]
+        self.decode_head = CPSDeepLabV3PlusHead(config, low_in, high_in)
+        self.post_init()
+
+    def load_pretrained_backbone(self, source: str | os.PathLike | bool = True) -> "CPSForSemanticSegmentation":
+        """Load ImageNet weights into the backbone after construction (so `post_init` cannot touch them).
+
+        `source=True` takes timm's default pretrained tag from the Hub (what users do); a path loads
+        a local timm/PyTorch checkpoint file. `from_pretrained` never calls this: a trained model's
+        backbone comes from its own safetensors.
+        """
+        path = None if source is True else os.fspath(source)
+        if path is not None and not os.path.isfile(path):
+            raise FileNotFoundError(f"backbone checkpoint {path!r} does not exist")
+        donor = create_backbone(self.config, pretrained=True, checkpoint_path=path)
+        self.backbone.load_state_dict(donor.state_dict(), strict=True)
+        self.config.backbone_pretrained_source = (
+            os.path.basename(path) if path else donor.pretrained_cfg.get("hf_hub_id") or self.config.backbone
+        )
+        return self
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SemanticSegmenterOutput | tuple:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
+            Ground-truth class indices; `config.semantic_loss_ignore_index` marks pixels to ignore.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        low_level, high_level = self.backbone(pixel_values)
+        logits = self.decode_head(low_level, high_level)
+        logits = F.interpolate(
+            logits, size=pixel_values.shape[-2:], mode="bilinear", align_corners=self.config.align_corners
+        )
+
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits, labels.long(), ignore_index=self.config.semantic_loss_ignore_index)
+
+        hidden_states = (low_level, high_level) if output_hidden_states else None
+        if not return_dict:
+            output = (logits,) + ((hidden_states,) if hidden_states is not None else ())
+            return ((loss,) + output) if loss is not None else output
+        return SemanticSegmenterOutput(loss=loss, logits=logits, hidden_states=hidden_states)
+
+
+__all__ = ["CPSPreTrainedModel", "CPSForSemanticSegmentation", "create_backbone"]
