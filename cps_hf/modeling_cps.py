@@ -83,7 +83,11 @@ def create_backbone(config: CPSConfig, pretrained: bool = False, checkpoint_path
     backbone = _create_timm(config.backbone, pretrained or checkpoint_path is not None, kwargs)
     if config.multi_grid:
         stage_name = backbone.feature_info.module_name()[-1]
-        _apply_multi_grid(getattr(backbone, stage_name), config.multi_grid, config.backbone)
+        try:
+            stage = backbone.get_submodule(stage_name)
+        except AttributeError:  # FeatureListNet flattens dotted names
+            stage = backbone.get_submodule(stage_name.replace(".", "_"))
+        _apply_multi_grid(stage, config.multi_grid, config.backbone)
     return backbone
 
 
@@ -155,6 +159,8 @@ class CPSDeepLabV3PlusHead(nn.Module):
         self.decoder = CPSDecoder(config, low_level_in)
         self.dropout = nn.Dropout2d(config.classifier_dropout) if config.classifier_dropout > 0 else nn.Identity()
         self.classifier = nn.Conv2d(config.decoder_channels, config.num_labels, 1, bias=True)
+        for layer in self.modules():  # transformers initialises leaf by leaf: tag the head's leaves
+            layer._cps_head_layer = True
 
     def forward(self, low_level: torch.Tensor, high_level: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(self.decoder(low_level, self.aspp(high_level))))
@@ -180,20 +186,19 @@ class CPSPreTrainedModel(PreTrainedModel):
         it later), and transformers' generic init would wipe its weights and BN statistics.
         The classifier bias keeps PyTorch's default init, like the original.
         """
-        if not isinstance(module, CPSDeepLabV3PlusHead):
+        if not getattr(module, "_cps_head_layer", False):
             return
-        for sub in module.modules():
-            if isinstance(sub, nn.Conv2d):
-                init.kaiming_normal_(sub.weight, mode="fan_in", nonlinearity="relu")
-                if sub.bias is not None:
-                    bound = 1.0 / (sub.weight[0].numel() ** 0.5)
-                    init.uniform_(sub.bias, -bound, bound)
-            elif isinstance(sub, nn.BatchNorm2d):
-                init.ones_(sub.weight)
-                init.zeros_(sub.bias)
-                init.zeros_(sub.running_mean)
-                init.ones_(sub.running_var)
-                init.zeros_(sub.num_batches_tracked)
+        if isinstance(module, nn.Conv2d):
+            init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+            if module.bias is not None:
+                bound = 1.0 / (module.weight[0].numel() ** 0.5)
+                init.uniform_(module.bias, -bound, bound)
+        elif isinstance(module, nn.BatchNorm2d):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+            init.zeros_(module.running_mean)
+            init.ones_(module.running_var)
+            init.zeros_(module.num_batches_tracked)
 
 
 # ---------------------------------------------------------------------------------------------
