@@ -1,0 +1,159 @@
+"""Losses of Cross Pseudo Supervision (Chen et al., CVPR 2021, section 3).
+
+Everything here works on logits at the label resolution: `(B, C, H, W)` logits against
+`(B, H, W)` integer labels, where `ignore_index` marks pixels without a label.
+
+- `cross_entropy`: the supervision loss L_s of equation 4 (one network at a time).
+- `OhemCrossEntropy`: the Cityscapes supervision loss of the original code
+  (`ProbOhemCrossEntropy2d`).
+- `cps_loss`: the cross pseudo supervision loss of equation 5 for one batch.
+- `prediction_agreement`: the overlap ratio of the two networks' predictions (paper, Fig. 7).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _check_logits_and_labels(logits: torch.Tensor, labels: torch.Tensor, where: str) -> None:
+    if logits.ndim != 4:
+        raise ValueError(f"{where}: logits must be (B, C, H, W), got shape {tuple(logits.shape)}")
+    expected = (logits.shape[0], *logits.shape[2:])
+    if tuple(labels.shape) != expected:
+        raise ValueError(
+            f"{where}: labels must be (B, H, W) = {expected} to match the logits, got {tuple(labels.shape)}"
+        )
+    if labels.dtype.is_floating_point:
+        raise ValueError(f"{where}: labels must be an integer tensor, got {labels.dtype}")
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """Pixel-wise cross-entropy, averaged over the pixels whose label is not `ignore_index`.
+
+    Same value as `F.cross_entropy(..., ignore_index=...)`, except that a batch with no
+    labelled pixel at all gives 0 (still attached to the graph) instead of NaN, so one fully
+    padded crop cannot poison the weights of both networks.
+    """
+    _check_logits_and_labels(logits, labels, "cross_entropy")
+    labels = labels.long()
+    total = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum")
+    num_labelled = (labels != ignore_index).sum().clamp(min=1)
+    return total / num_labelled
+
+
+class OhemCrossEntropy(nn.Module):
+    """Cross-entropy on the hard pixels only: the original code's `ProbOhemCrossEntropy2d`.
+
+    A labelled pixel is kept when the softmax probability of its ground-truth class is at most
+    `max(threshold, p_k)`, where `p_k` is the `min_kept`-th smallest such probability in the
+    batch; so at least `min_kept` pixels are always kept. The loss is the mean cross-entropy over
+    the kept pixels. Two corner cases follow the original exactly:
+
+    - fewer than `min_kept` labelled pixels in the batch: every labelled pixel is kept;
+    - `min_kept == 0`: no pixel is dropped (the original only filters when `min_kept > 0`).
+
+    `min_kept` counts pixels of the batch this call sees, i.e. per device under DDP (the
+    original used 50,000 per GPU with threshold 0.7 on Cityscapes).
+    """
+
+    def __init__(self, ignore_index: int = 255, threshold: float = 0.7, min_kept: int = 50000):
+        super().__init__()
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"OhemCrossEntropy: threshold must be a probability in [0, 1], got {threshold}")
+        if min_kept < 0:
+            raise ValueError(f"OhemCrossEntropy: min_kept must be >= 0, got {min_kept}")
+        self.ignore_index = ignore_index
+        self.threshold = float(threshold)
+        self.min_kept = int(min_kept)
+
+    @torch.no_grad()
+    def hard_pixel_labels(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Labels with every easy (dropped) pixel set to `ignore_index`."""
+        labelled = labels != self.ignore_index
+        num_labelled = int(labelled.sum())
+        if self.min_kept == 0 or num_labelled == 0 or self.min_kept > num_labelled:
+            return labels
+        safe_labels = labels.masked_fill(~labelled, 0)
+        log_probs = F.log_softmax(logits.float(), dim=1)
+        true_class_prob = log_probs.gather(1, safe_labels.unsqueeze(1)).squeeze(1).exp()
+        # Unlabelled pixels get probability 1 so they sort last, as in the original.
+        true_class_prob = true_class_prob.masked_fill(~labelled, 1.0)
+        kth_smallest = true_class_prob.flatten().kthvalue(self.min_kept).values
+        threshold = torch.clamp(kth_smallest, min=self.threshold)
+        keep = labelled & (true_class_prob <= threshold)
+        return labels.masked_fill(~keep, self.ignore_index)
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        _check_logits_and_labels(logits, labels, "OhemCrossEntropy")
+        labels = labels.long()
+        return cross_entropy(logits, self.hard_pixel_labels(logits, labels), self.ignore_index)
+
+
+def pseudo_labels(logits: torch.Tensor) -> torch.Tensor:
+    """One-hot pseudo segmentation map Y of equation 3, stored as class indices (argmax).
+
+    Computed without gradient: CPS never back-propagates into the pseudo labels.
+    """
+    with torch.no_grad():
+        return logits.argmax(dim=1)
+
+
+def cps_loss(logits_1: torch.Tensor, logits_2: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    r"""Cross pseudo supervision loss of equation 5 on one batch of images X:
+
+    .. math::
+        L_{cps} = \frac{1}{|X|} \sum_{X} \frac{1}{W H} \sum_{i=0}^{W H}
+                  \big( \ell_{ce}(p_{1i}, y_{2i}) + \ell_{ce}(p_{2i}, y_{1i}) \big)
+
+    with :math:`p_{ki} = \mathrm{softmax}(\text{logits}_k)_i` and :math:`y_{ki}` the one-hot
+    vector of :math:`\arg\max_c p_{kic}` (no gradient flows through :math:`y`). In code:
+    ``CE(logits_1, argmax logits_2) + CE(logits_2, argmax logits_1)``, each CE averaged over all
+    pixels of the batch.
+
+    Called on the unlabelled batch it is :math:`L^u_{cps}`, on the labelled batch
+    :math:`L^l_{cps}` (the paper defines it "in the same way"). `ignore_index` is passed to the
+    cross-entropy as in the original; argmax labels lie in [0, C), so no pixel is ignored unless
+    C > ignore_index.
+    """
+    if logits_1.shape != logits_2.shape:
+        raise ValueError(
+            f"cps_loss: both networks' logits must have the same shape, got {tuple(logits_1.shape)} "
+            f"and {tuple(logits_2.shape)}"
+        )
+    labels_from_1 = pseudo_labels(logits_1)
+    labels_from_2 = pseudo_labels(logits_2)
+    return cross_entropy(logits_1, labels_from_2, ignore_index) + cross_entropy(
+        logits_2, labels_from_1, ignore_index
+    )
+
+
+def agreement_counts(
+    logits_1: torch.Tensor, logits_2: torch.Tensor, ignore_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pixels where the two argmaxes agree, pixels counted), as tensors (no host sync)."""
+    with torch.no_grad():
+        agree = logits_1.argmax(dim=1) == logits_2.argmax(dim=1)
+        if ignore_mask is None:
+            return agree.sum(), torch.tensor(agree.numel(), device=agree.device)
+        if ignore_mask.shape != agree.shape:
+            raise ValueError(
+                f"prediction_agreement: ignore_mask must be (B, H, W) = {tuple(agree.shape)}, "
+                f"got {tuple(ignore_mask.shape)}"
+            )
+        counted = ~ignore_mask.bool()
+        return (agree & counted).sum(), counted.sum()
+
+
+def prediction_agreement(
+    logits_1: torch.Tensor, logits_2: torch.Tensor, ignore_mask: torch.Tensor | None = None
+) -> float:
+    """Fraction of pixels where the two networks predict the same class (paper, Figure 7).
+
+    `ignore_mask` (B, H, W, True = leave out) restricts the count, e.g. to the object region as
+    in Figure 7, which ignores background pixels. NaN when no pixel is counted.
+    """
+    agree, counted = agreement_counts(logits_1, logits_2, ignore_mask)
+    counted = int(counted)
+    return float(agree) / counted if counted else float("nan")
