@@ -1,0 +1,156 @@
+"""Every knob of a CPS run, readable from a YAML preset and overridable by `--field value` flags.
+
+One dataclass is the single source of truth: presets in `configs/` are its fields, the CLI flags
+are its fields, and `training_config.yaml` in the output folder is it again. Unknown fields in a
+YAML file and unknown flags are refused with the offending name, so a typo never trains silently
+with a default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from transformers import HfArgumentParser
+
+
+@dataclass
+class CPSTrainingConfig:
+    # ---- what this preset is -------------------------------------------------------------
+    preset_note: str = field(default="", metadata={"help": "Where the preset's numbers come from (original code or paper) and its budget."})
+
+    # ---- data ------------------------------------------------------------------------------
+    dataset: Literal["voc", "cityscapes", "folder", "hub"] = field(default="voc", metadata={"help": "Dataset family."})
+    data_root: str | None = field(default=None, metadata={"help": "Dataset root folder (or Hub repo id for --dataset hub)."})
+    labeled: str = field(default="1/8", metadata={"help": "Labeled subset: fraction (1/8, 0.125), count (92), list file, or protocol name (cps/voc/1-8)."})
+    train_split: str | None = field(default=None, metadata={"help": "Training split (default: train_aug for VOC, train otherwise)."})
+    val_split: str = field(default="val", metadata={"help": "Evaluation split."})
+    unlabeled_extra: str | None = field(default=None, metadata={"help": "Extra unlabeled pool, e.g. Cityscapes train_extra (paper 5.3)."})
+    crop_size: int = field(default=512, metadata={"help": "Random crop size for training."})
+    scales: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.5, 1.75, 2.0], metadata={"help": "Random scale choices (the original's list)."})
+    num_workers: int = field(default=4, metadata={"help": "DataLoader workers per stream."})
+
+    # ---- model -----------------------------------------------------------------------------
+    backbone: str = field(default="resnet50s", metadata={"help": "timm backbone name."})
+    pretrained_backbone: str = field(default="timm", metadata={"help": "'timm' (Hub weights by timm name), a local checkpoint path, or 'none'."})
+    output_stride: int | None = field(default=16, metadata={"help": "Backbone output stride (16 or 8); none for backbones that cannot dilate."})
+    multi_grid: list[int] | None = field(default=None, metadata={"help": "Unit multi-grid of the last ResNet stage, e.g. 1 2 4 (the original)."})
+    aspp_rates: list[int] = field(default_factory=lambda: [6, 12, 18], metadata={"help": "ASPP dilation rates."})
+    aspp_channels: int = 256
+    decoder_channels: int = 256
+    low_level_channels: int = 48
+
+    # ---- method ----------------------------------------------------------------------------
+    method: Literal["supervised", "cps", "cps_cutmix"] = field(default="cps_cutmix", metadata={"help": "Training method."})
+    cps_weight: float = field(default=1.5, metadata={"help": "lambda of L = L_s + lambda * L_cps."})
+    cps_weight_rampup_steps: int = field(default=0, metadata={"help": "Sigmoid ramp-up of lambda over this many steps (0: off, as the paper)."})
+    supervised_warmup_steps: int = field(default=0, metadata={"help": "Steps with lambda = 0 before CPS starts (0: off, as the paper)."})
+    cps_on_labeled: bool = field(default=True, metadata={"help": "Plain CPS: also apply L_cps on labeled images (Table 4)."})
+    cutmix_same_image: bool = field(default=False, metadata={"help": "Reproduce the original's bug: CutMix mixes two views of the same image."})
+    sup_loss: Literal["ce", "ohem"] = field(default="ce", metadata={"help": "Supervised loss: CE (VOC) or OHEM (Cityscapes)."})
+    ohem_threshold: float = 0.7
+    ohem_min_kept: int = field(default=50000, metadata={"help": "OHEM keeps at least this many pixels per device batch."})
+
+    # ---- optimisation ----------------------------------------------------------------------
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Labeled images per device per step (the same number of unlabeled images)."})
+    learning_rate: float = 0.0025
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lr_power: float = field(default=0.9, metadata={"help": "Poly decay power, per iteration."})
+    num_train_epochs: int = field(default=34, metadata={"help": "Epochs over the unlabeled set."})
+    max_train_steps: int | None = field(default=None, metadata={"help": "Overrides num_train_epochs when set."})
+    gradient_accumulation_steps: int = 1
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    seed: int = 0
+
+    # ---- evaluation, logging, checkpoints, export -----------------------------------------
+    eval_steps: int | None = field(default=None, metadata={"help": "Evaluate every N steps (always at the end)."})
+    eval_mode: Literal["whole", "slide"] = field(default="whole", metadata={"help": "whole image (VOC) or sliding window (Cityscapes)."})
+    eval_crop_size: int | None = field(default=None, metadata={"help": "Sliding-window / padding size (default: crop_size)."})
+    eval_stride: int | None = field(default=None, metadata={"help": "Sliding-window stride (the original: 534 at crop 800)."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N validation images only (quick runs)."})
+    logging_steps: int = 10
+    checkpointing_steps: int | None = field(default=None, metadata={"help": "Save accelerate state every N steps as step_N."})
+    checkpoints_total_limit: int | None = field(default=None, metadata={"help": "Keep at most this many step_N folders."})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "A step_N folder, or 'latest'."})
+    output_dir: str = "outputs/cps"
+    report_to: str = field(default="tensorboard", metadata={"help": "accelerate trackers: tensorboard, wandb, all, none (tensorboard is skipped if not installed)."})
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+    hub_token: str | None = None
+
+    def __post_init__(self):
+        if self.method != "supervised" and self.cps_weight < 0:
+            raise ValueError(f"cps_weight must be >= 0, got {self.cps_weight}")
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/cps-voc-r101-1-8)")
+        for name in ("per_device_train_batch_size", "crop_size", "gradient_accumulation_steps", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _field_names() -> set[str]:
+    return {f.name for f in dataclasses.fields(CPSTrainingConfig)}
+
+
+def load_yaml_config(path: str | Path) -> dict:
+    """Read a preset, refusing fields that do not exist (a typo must not train with a default)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path} must hold a mapping of field: value, got {type(values).__name__}")
+    unknown = sorted(set(values) - _field_names())
+    if unknown:
+        raise ValueError(f"config file {path}: unknown field(s) {unknown}; see `python scripts/train_cps.py --help`")
+    return values
+
+
+def parse_args(argv: list[str] | None = None) -> CPSTrainingConfig:
+    """`--config preset.yaml` first, then every `--field value` on top; unknown flags are an error."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, rest = pre.parse_known_args(argv)
+
+    parser = HfArgumentParser(CPSTrainingConfig, description="Train CPS (Cross Pseudo Supervision) segmentation models.")
+    parser.add_argument("--config", default=None, help="YAML preset from configs/; flags override its fields.")
+    if known.config:
+        parser.set_defaults(**load_yaml_config(known.config))
+    rest = _take_explicit_nones(parser, rest)
+    namespace, remaining = parser.parse_known_args(rest)
+    if remaining:
+        parser.error(f"unknown argument(s): {' '.join(remaining)}")
+    (config,) = parser.parse_dict({k: v for k, v in vars(namespace).items() if k != "config"})
+    return config
+
+
+def _take_explicit_nones(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """`--output_stride none` (or null) sets an optional field to None, which argparse's int type cannot."""
+    hints = typing.get_type_hints(CPSTrainingConfig)  # HfArgumentParser rewrites field.type in place
+    optional = {name for name, hint in hints.items() if type(None) in typing.get_args(hint)}
+    kept, i = [], 0
+    while i < len(argv):
+        name = argv[i][2:].split("=", 1)[0] if argv[i].startswith("--") else None
+        value = argv[i].split("=", 1)[1] if name and "=" in argv[i] else (argv[i + 1] if i + 1 < len(argv) else "")
+        if name in optional and value.lower() in ("none", "null"):
+            parser.set_defaults(**{name: None})
+            i += 1 if "=" in argv[i] else 2
+            continue
+        kept.append(argv[i])
+        i += 1
+    return kept
+
+
+def save_yaml_config(config: CPSTrainingConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
