@@ -288,11 +288,12 @@ def _joint_histogram(pred: torch.Tensor, ref_columns: torch.Tensor, num_labels: 
     total = torch.zeros(size, dtype=torch.int64, device=pred.device)
     wide = pred.dtype in (torch.int32, torch.int64)
     for start in range(0, pred.numel(), _CHUNK_PIXELS):
-        index = pred[start : start + _CHUNK_PIXELS].to(index_dtype, copy=True)  # never write into the input
-        if wide:  # checked after the (cheaper) int32 copy: an int64 value would have to be k * 2**32 + c to slip by
-            low, high = torch.aminmax(index)
+        chunk = pred[start : start + _CHUNK_PIXELS]
+        if wide:
+            low, high = torch.aminmax(chunk)
             if int(low) < 0 or int(high) >= num_labels:
                 return None
+        index = chunk.to(index_dtype, copy=True)  # never write into the input
         columns = ref_columns[start : start + _CHUNK_PIXELS]
         if columns.dtype not in (torch.uint8, index_dtype):
             columns = columns.to(index_dtype)  # mixed-dtype in-place adds are ~30x slower
