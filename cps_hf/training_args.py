@@ -59,6 +59,7 @@ class CPSTrainingConfig:
 
     # ---- optimisation ----------------------------------------------------------------------
     per_device_train_batch_size: int = field(default=8, metadata={"help": "Labeled images per device per step (the same number of unlabeled images)."})
+    global_batch_size: int | None = field(default=None, metadata={"help": "If set, per-device batch = this / (processes x accumulation): the paper's 8 on any number of GPUs."})
     learning_rate: float = 0.0025
     momentum: float = 0.9
     weight_decay: float = 1e-4

@@ -1,0 +1,170 @@
+"""Pieces of the training script that are not the loop itself: building the two networks,
+SyncBN, checkpoint discovery, the step counter that travels with checkpoints, the JSONL log,
+and the cross-rank consistency check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .configuration_cps import CPSConfig
+from .modeling_cps import CPSForSemanticSegmentation
+
+CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
+
+
+def model_config_from_args(args, class_names: list[str], ignore_index: int = 255) -> CPSConfig:
+    """The exported network's config: architecture fields from the run, labels from the dataset."""
+    return CPSConfig(
+        backbone=args.backbone,
+        output_stride=args.output_stride,
+        multi_grid=list(args.multi_grid) if args.multi_grid else None,
+        aspp_rates=list(args.aspp_rates),
+        aspp_channels=args.aspp_channels,
+        decoder_channels=args.decoder_channels,
+        low_level_channels=args.low_level_channels,
+        num_labels=len(class_names),
+        id2label=dict(enumerate(class_names)),
+        label2id={name: index for index, name in enumerate(class_names)},
+        semantic_loss_ignore_index=ignore_index,
+    )
+
+
+def per_device_batch_size(global_batch_size: int, num_processes: int, accumulation_steps: int) -> int:
+    """The paper's batch (8 labeled + 8 unlabeled per step) on however many devices this run has."""
+    share = num_processes * accumulation_steps
+    if global_batch_size % share:
+        raise ValueError(
+            f"global_batch_size {global_batch_size} is not divisible by {num_processes} processes x "
+            f"{accumulation_steps} accumulation steps"
+        )
+    return global_batch_size // share
+
+
+def build_networks(config: CPSConfig, num_models: int, pretrained: str = "none", seed: int = 0) -> list[nn.Module]:
+    """CPS's perturbation: the same backbone weights in every network, a differently seeded head in each.
+
+    `pretrained` is "timm" (Hub weights by timm name), a local checkpoint path, or "none".
+    The backbone of network 1 is copied into the others, so they share it even from random init.
+    """
+    networks = []
+    for index in range(num_models):
+        torch.manual_seed(seed * 1000 + index)  # head init differs per network and is reproducible
+        networks.append(CPSForSemanticSegmentation(config))
+    if pretrained not in ("none", "", None):
+        networks[0].load_pretrained_backbone(True if pretrained == "timm" else pretrained)
+    for network in networks[1:]:
+        network.backbone.load_state_dict(networks[0].backbone.state_dict())
+        network.config.backbone_pretrained_source = networks[0].config.backbone_pretrained_source
+    return networks
+
+
+def maybe_convert_sync_batchnorm(networks: list[nn.Module], accelerator) -> list[nn.Module]:
+    """SyncBN on multi-GPU runs only (it raises on CPU); timm's converter keeps its fused BN+act layers."""
+    if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
+        from timm.layers import convert_sync_batchnorm
+
+        return [convert_sync_batchnorm(network) for network in networks]
+    return networks
+
+
+def find_checkpoint(output_dir: str | Path, resume: str) -> Path:
+    """`resume` is a step_N folder or "latest" (the highest step_N in output_dir)."""
+    if resume != "latest":
+        path = Path(resume)
+        if not path.is_dir():
+            raise FileNotFoundError(f"--resume_from_checkpoint {resume}: no such checkpoint folder")
+        return path
+    candidates = sorted(
+        (int(m.group(1)), p) for p in Path(output_dir).glob("step_*") if (m := CHECKPOINT_PATTERN.match(p.name))
+    )
+    if not candidates:
+        raise FileNotFoundError(f"--resume_from_checkpoint latest: no step_N folder in {output_dir}")
+    return candidates[-1][1]
+
+
+def checkpoint_step(path: Path) -> int:
+    match = CHECKPOINT_PATTERN.match(Path(path).name)
+    if not match:
+        raise ValueError(f"checkpoint folder {path} is not named step_N")
+    return int(match.group(1))
+
+
+def prune_checkpoints(output_dir: str | Path, keep: int | None) -> None:
+    if not keep:
+        return
+    found = sorted(
+        (int(m.group(1)), p) for p in Path(output_dir).glob("step_*") if (m := CHECKPOINT_PATTERN.match(p.name))
+    )
+    for _, path in found[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class TrainProgress:
+    """The step counter and best score, saved with every accelerate checkpoint."""
+
+    def __init__(self):
+        self.step = 0
+        self.best_mean_iou = float("nan")
+        self.best_step = -1
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "best_mean_iou": self.best_mean_iou, "best_step": self.best_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.best_mean_iou = float(state["best_mean_iou"])
+        self.best_step = int(state["best_step"])
+
+    def update_best(self, mean_iou: float, step: int) -> bool:
+        if self.best_step < 0 or mean_iou > self.best_mean_iou:
+            self.best_mean_iou, self.best_step = float(mean_iou), step
+            return True
+        return False
+
+
+class JsonlLog:
+    """One JSON object per logged step in output_dir/log.jsonl (what scripts/make_figures.py plots)."""
+
+    def __init__(self, path: str | Path, enabled: bool):
+        self.path = Path(path)
+        self.enabled = enabled
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(record, default=_jsonable) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop records newer than the checkpoint so the log tells one consistent story."""
+        if not (self.enabled and self.path.exists()):
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+
+def _jsonable(value):
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def parameter_fingerprint(networks: list[nn.Module]) -> str:
+    """A hash of every parameter: equal on all DDP ranks when training stayed in sync.
+
+    Buffers are left out on purpose: without SyncBN each rank updates its BN running statistics
+    from its own batch after DDP's start-of-forward broadcast, so they legitimately differ.
+    """
+    digest = hashlib.sha256()
+    for network in networks:
+        for name, tensor in sorted(network.named_parameters()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,273 @@
+#!/usr/bin/env python
+"""Train CPS (Cross Pseudo Supervision, CVPR 2021) or its supervised baseline with Accelerate.
+
+    accelerate launch scripts/train_cps.py --config configs/voc_r101_1-8_cutmix.yaml
+    python scripts/train_cps.py --config configs/demo.yaml --data_root demo_data
+
+One linear main(): arguments, accelerator, data, models, method, optimizer, scheduler, prepare,
+trackers, resume, loop, evaluation, save and push. The method (supervised / cps / cps_cutmix)
+is a small unit the loop calls; the loop is the same for all of them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import gather_object, set_seed
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from cps_hf.data import EvalTransform, TrainStreams, TrainTransform, build_datasets  # noqa: E402
+from cps_hf.hub import build_model_card, export_model, push_model  # noqa: E402
+from cps_hf.inference import evaluate_model  # noqa: E402
+from cps_hf.losses import OhemCrossEntropy, cross_entropy  # noqa: E402
+from cps_hf.methods import build_method  # noqa: E402
+from cps_hf.optim import build_optimizer, poly_schedule  # noqa: E402
+from cps_hf.training import (  # noqa: E402
+    JsonlLog,
+    TrainProgress,
+    build_networks,
+    checkpoint_step,
+    find_checkpoint,
+    maybe_convert_sync_batchnorm,
+    model_config_from_args,
+    parameter_fingerprint,
+    per_device_batch_size,
+    prune_checkpoints,
+)
+from cps_hf.training_args import parse_args, save_yaml_config  # noqa: E402
+
+logger = get_logger(__name__)
+
+
+def _trackers(report_to: str) -> list[str] | str | None:
+    if report_to in ("none", ""):
+        return None
+    if report_to == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            return None
+    return report_to
+
+
+def _to_device(batch, device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {key: _to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(value, device) for value in batch)
+    return batch
+
+
+def main(argv: list[str] | None = None) -> dict:
+    # ---- arguments -------------------------------------------------------------------------
+    args = parse_args(argv)
+    output_dir = Path(args.output_dir)
+
+    # ---- accelerator -----------------------------------------------------------------------
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=_trackers(args.report_to),
+        project_dir=str(output_dir),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml_config(args, output_dir / "training_config.yaml")
+    accelerator.wait_for_everyone()
+    if args.global_batch_size:
+        args.per_device_train_batch_size = per_device_batch_size(
+            args.global_batch_size, accelerator.num_processes, args.gradient_accumulation_steps
+        )
+
+    # ---- data ------------------------------------------------------------------------------
+    bundle = build_datasets(
+        args.dataset, args.data_root, args.labeled, seed=args.seed, train_split=args.train_split,
+        val_split=args.val_split, unlabeled_extra=args.unlabeled_extra,
+    )
+    method = build_method(
+        args.method,
+        sup_criterion=(
+            OhemCrossEntropy(threshold=args.ohem_threshold, min_kept=args.ohem_min_kept)
+            if args.sup_loss == "ohem" else cross_entropy
+        ),
+        cps_weight=args.cps_weight,
+        cps_weight_rampup_steps=args.cps_weight_rampup_steps,
+        supervised_warmup_steps=args.supervised_warmup_steps,
+        cps_on_labeled=args.cps_on_labeled if args.method == "cps" else None,
+        generator_seed=args.seed,
+    )
+    streams = TrainStreams(
+        bundle.labeled, bundle.unlabeled,
+        TrainTransform(crop_size=args.crop_size, scales=tuple(args.scales)),
+        batch_size=args.per_device_train_batch_size, seed=args.seed,
+        num_unlabeled_streams=method.num_unlabeled_streams, same_unlabeled_order=args.cutmix_same_image,
+        rank=accelerator.process_index, world_size=accelerator.num_processes, num_workers=args.num_workers,
+    )
+    val_set = bundle.val
+    if args.max_eval_samples is not None:
+        val_set = val_set.select(range(min(args.max_eval_samples, len(val_set))))
+    val_set = val_set.with_transform(EvalTransform())
+    steps_per_epoch = math.ceil(streams.steps_per_epoch / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    logger.info(
+        f"labeled {len(bundle.labeled)}, unlabeled {len(bundle.unlabeled)}, val {len(val_set)}; "
+        f"{steps_per_epoch} steps/epoch, {max_train_steps} steps", main_process_only=True,
+    )
+
+    # ---- models ----------------------------------------------------------------------------
+    model_config = model_config_from_args(args, bundle.class_names, bundle.ignore_index)
+    networks = build_networks(model_config, method.num_models, pretrained=args.pretrained_backbone, seed=args.seed)
+    networks = maybe_convert_sync_batchnorm(networks, accelerator)
+
+    # ---- optimizer and scheduler -----------------------------------------------------------
+    optimizer = build_optimizer(networks, lr=args.learning_rate, momentum=args.momentum, weight_decay=args.weight_decay)
+    # A prepared scheduler steps once per process (traps note): count steps that way.
+    scheduler = poly_schedule(optimizer, max_train_steps * accelerator.num_processes, power=args.lr_power)
+
+    # ---- prepare (the data streams shard themselves: never prepared, never sharded twice) ----
+    *networks, optimizer, scheduler = accelerator.prepare(*networks, optimizer, scheduler)
+    progress = TrainProgress()
+    accelerator.register_for_checkpointing(streams, progress)
+
+    # ---- trackers --------------------------------------------------------------------------
+    if accelerator.log_with:
+        tracker_config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in args.to_dict().items()}
+        accelerator.init_trackers("cps_hf", config=tracker_config)
+    log = JsonlLog(output_dir / "log.jsonl", enabled=accelerator.is_main_process)
+
+    # ---- resume ----------------------------------------------------------------------------
+    if args.resume_from_checkpoint:
+        checkpoint = find_checkpoint(output_dir, args.resume_from_checkpoint)
+        accelerator.print(f"resuming from {checkpoint}")
+        accelerator.load_state(str(checkpoint))  # models, optimizer, scheduler, RNG, data streams, progress
+        if progress.step != checkpoint_step(checkpoint):
+            raise RuntimeError(f"{checkpoint}: saved progress is at step {progress.step}, folder says otherwise")
+        log.truncate_after(progress.step)
+
+    def run_evaluation() -> dict:
+        results = evaluate_model(
+            [accelerator.unwrap_model(networks[0])], val_set, num_labels=model_config.num_labels,
+            ignore_index=bundle.ignore_index, mode=args.eval_mode,
+            crop_size=args.eval_crop_size or args.crop_size, stride=args.eval_stride, accelerator=accelerator,
+        )
+        for network in networks:
+            network.train()
+        return {f"eval_{key}": value for key, value in results.items()}
+
+    # ---- loop ------------------------------------------------------------------------------
+    for network in networks:
+        network.train()
+    bar = tqdm(total=max_train_steps, initial=progress.step, disable=not accelerator.is_local_main_process)
+    window_start, window_images = time.perf_counter(), 0
+    images_per_step = args.per_device_train_batch_size * (1 + method.num_unlabeled_streams) * accelerator.num_processes
+    latest_eval: dict = {}
+    while progress.step < max_train_steps:
+        for _ in range(args.gradient_accumulation_steps):
+            batch = _to_device(next(streams), accelerator.device)
+            with accelerator.accumulate(*networks):
+                output = method(networks, batch, progress.step, rank=accelerator.process_index)
+                accelerator.backward(output.loss)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+        progress.step += 1
+        window_images += images_per_step * args.gradient_accumulation_steps
+        bar.update(1)
+
+        if progress.step % args.logging_steps == 0 or progress.step == max_train_steps:
+            elapsed = time.perf_counter() - window_start
+            record = {
+                "step": progress.step,
+                "epoch": progress.step / max(steps_per_epoch, 1),
+                "lr": scheduler.get_last_lr()[0],
+                "images_per_second": window_images / max(elapsed, 1e-9),
+                **output.logs,
+            }
+            accelerator.log(record, step=progress.step)
+            log.write(record)
+            bar.set_postfix(loss=f"{output.logs.get('loss', float('nan')):.3f}")
+            window_start, window_images = time.perf_counter(), 0
+
+        if args.eval_steps and progress.step % args.eval_steps == 0 and progress.step < max_train_steps:
+            latest_eval = run_evaluation()
+            progress.update_best(latest_eval["eval_mean_iou"], progress.step)
+            scalars = {k: v for k, v in latest_eval.items() if isinstance(v, (int, float))}
+            accelerator.log(scalars, step=progress.step)
+            log.write({"step": progress.step, **scalars})
+            accelerator.print(f"step {progress.step}: eval_mean_iou {latest_eval['eval_mean_iou']:.4f}")
+
+        if args.checkpointing_steps and progress.step % args.checkpointing_steps == 0:
+            accelerator.save_state(str(output_dir / f"step_{progress.step}"))
+            if accelerator.is_main_process:
+                prune_checkpoints(output_dir, args.checkpoints_total_limit)
+    bar.close()
+
+    # ---- evaluation ------------------------------------------------------------------------
+    final = run_evaluation()
+    progress.update_best(final["eval_mean_iou"], progress.step)
+    fingerprints = gather_object([parameter_fingerprint([accelerator.unwrap_model(n) for n in networks])])
+    in_sync = len(set(fingerprints)) == 1
+    if not in_sync:
+        raise RuntimeError(f"DDP ranks ended with different weights: {fingerprints}")
+    results = {
+        **final,
+        "final_step": progress.step,
+        "best_eval_mean_iou": progress.best_mean_iou,
+        "best_step": progress.best_step,
+        "method": args.method,
+        "num_labeled": len(bundle.labeled),
+        "num_unlabeled": len(bundle.unlabeled),
+        "num_processes": accelerator.num_processes,
+        "parameter_fingerprint": fingerprints[0],
+    }
+    scalars = {k: v for k, v in final.items() if isinstance(v, (int, float))}
+    accelerator.log(scalars, step=progress.step)
+    log.write({"step": progress.step, **scalars})
+    accelerator.print(
+        f"final eval_mean_iou {final['eval_mean_iou']:.4f} (step {progress.step}); "
+        f"best {progress.best_mean_iou:.4f} (step {progress.best_step})"
+    )
+
+    # ---- save and push ---------------------------------------------------------------------
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        card = build_model_card(
+            accelerator.unwrap_model(networks[0]).config, results=final, dataset_name=args.dataset,
+            dataset_type=args.dataset, protocol=args.labeled, method=args.method, backbone=args.backbone,
+            split=args.val_split, training_args=args.to_dict(), repo_id=args.hub_model_id,
+        )
+        export_model(accelerator.unwrap_model(networks[0]), output_dir / "model", card=card)
+        (output_dir / "all_results.json").write_text(json.dumps(results, indent=2, default=_jsonable))
+        if args.push_to_hub:
+            push_model(output_dir / "model", args.hub_model_id, token=args.hub_token)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return results
+
+
+def _jsonable(value):
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return str(value)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
