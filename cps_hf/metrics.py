@@ -31,7 +31,7 @@ import torch
 
 # Pixels per bincount call: large enough to amortise the per-call overhead, small enough for the
 # temporaries to stay in cache (measured on a 2-core CPU; see benchmarks/metric_speed.py).
-_CHUNK_PIXELS = 1 << 18
+_CHUNK_PIXELS = 1 << 17
 # Above this many (prediction, raw reference value) bins, raw reference values are compacted first.
 _MAX_JOINT_BINS = 1 << 22
 
