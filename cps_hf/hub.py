@@ -1,0 +1,425 @@
+"""Hub export: a pipeline-ready folder with a model card, and a push of exactly that folder.
+
+Read top to bottom: what an exported folder holds, the model card (metadata with model-index
+mIoU results, then the human-readable body), the export, then the push.
+
+The exported folder is what `from_pretrained` and `pipeline("image-segmentation")` need and
+nothing else: `config.json`, `model.safetensors`, `preprocessor_config.json` and `README.md`.
+Pickle-based weights (`*.bin`, `*.pt`, ...) are never written and never pushed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
+from transformers import PreTrainedModel
+
+from .configuration_cps import CPSConfig
+from .image_processing_cps import CPSImageProcessor
+
+# ---------------------------------------------------------------------------------------------
+# What an exported folder holds
+# ---------------------------------------------------------------------------------------------
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"  # only when save_pretrained shards big models
+PROCESSOR_FILE = "preprocessor_config.json"
+CARD_FILE = "README.md"
+
+# Files that can run code when loaded: refused outright, whatever else the folder holds.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+PAPER_BIBTEX = """@inproceedings{chen2021cps,
+  title     = {Semi-Supervised Semantic Segmentation with Cross Pseudo Supervision},
+  author    = {Chen, Xiaokang and Yuan, Yuhui and Zeng, Gang and Wang, Jingdong},
+  booktitle = {Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
+  year      = {2021}
+}"""
+
+CARD_TAGS = [
+    "semantic-segmentation",
+    "image-segmentation",
+    "cps",
+    "cross-pseudo-supervision",
+    "semi-supervised",
+    "deeplabv3plus",
+    "timm",
+    "cps_hf",
+]
+
+
+def _is_export_file(relative_path: str) -> bool:
+    """The files `export_model` writes (a sharded save adds numbered `*.safetensors` and an index)."""
+    if "/" in relative_path:
+        return False
+    return relative_path in (CONFIG_FILE, PROCESSOR_FILE, CARD_FILE, WEIGHTS_INDEX_FILE) or relative_path.endswith(
+        ".safetensors"
+    )
+
+
+def _files_under(folder: Path) -> list[str]:
+    return sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
+
+
+# ---------------------------------------------------------------------------------------------
+# Model card
+# ---------------------------------------------------------------------------------------------
+
+# evaluate's mean_iou names; the Trainer-style `eval_` prefix is accepted too.
+SCALAR_METRICS = {"mean_iou": "mIoU", "mean_accuracy": "mean accuracy", "overall_accuracy": "pixel accuracy"}
+
+
+def _lookup(results: dict, name: str) -> Any:
+    """`results[name]` or `results["eval_" + name]`; None when neither is there."""
+    for key in (f"eval_{name}", name):
+        if key in results and results[key] is not None:
+            return results[key]
+    return None
+
+
+def _fraction(value: Any, field: str) -> float:
+    """A metric as a plain float in [0, 1] (evaluate returns fractions; numpy floats are not YAML-safe)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"results[{field!r}] must be a number in [0, 1], got {value!r}") from None
+    if not (0.0 <= number <= 1.0):
+        raise ValueError(
+            f"results[{field!r}] must be a fraction in [0, 1] (evaluate's mean_iou convention), got {number}"
+        )
+    return number
+
+
+def _per_class_iou(results: dict, config: CPSConfig) -> list[float | None] | None:
+    """Per-class IoU in class-id order; None for classes absent from predictions and labels (NaN)."""
+    values = _lookup(results, "per_category_iou")
+    if values is None:
+        return None
+    values = list(values)
+    if len(values) != config.num_labels:
+        raise ValueError(
+            f"results['per_category_iou'] has {len(values)} entries but the config has {config.num_labels} classes"
+        )
+    per_class = []
+    for class_id, value in enumerate(values):
+        absent = value is None or (hasattr(value, "__float__") and math.isnan(float(value)))
+        per_class.append(None if absent else _fraction(value, f"per_category_iou[{class_id}]"))
+    return per_class
+
+
+def _percent(fraction: float | None) -> str:
+    return "n/a" if fraction is None else f"{100.0 * fraction:.2f}"
+
+
+def _cell(value: Any) -> str:
+    """A Markdown table cell: pipes escaped, newlines flattened."""
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _card_metadata(
+    config: CPSConfig,
+    metrics: dict[str, float],
+    *,
+    model_name: str,
+    dataset_name: str,
+    dataset_type: str,
+    split: str,
+    backbone: str,
+    license: str | None,
+) -> ModelCardData:
+    eval_results = [
+        EvalResult(
+            task_type="image-segmentation",
+            task_name="Semantic Segmentation",
+            dataset_type=dataset_type,
+            dataset_name=dataset_name,
+            dataset_split=split,
+            metric_type=name,
+            metric_name=SCALAR_METRICS[name],
+            metric_value=value,
+        )
+        for name, value in metrics.items()
+    ]
+    return ModelCardData(
+        model_name=model_name,
+        library_name="transformers",
+        pipeline_tag="image-segmentation",
+        license=license,
+        tags=CARD_TAGS + [f"backbone:{backbone}"],
+        datasets=[dataset_type],
+        metrics=["mean_iou"],
+        eval_results=eval_results or None,
+    )
+
+
+def _card_body(
+    config: CPSConfig,
+    metrics: dict[str, float],
+    per_class: list[float | None] | None,
+    *,
+    model_name: str,
+    dataset_name: str,
+    protocol: str | None,
+    method: str,
+    backbone: str,
+    split: str,
+    training_args: dict | None,
+    repo_id: str | None,
+) -> str:
+    model_ref = repo_id or "path/to/exported-model"
+    protocol_text = protocol or "fully supervised (all labels)"
+    stride = config.output_stride if config.output_stride is not None else "backbone default"
+    lines = [
+        f"# {model_name}",
+        "",
+        f"A DeepLabv3+ semantic segmentation network with a `{backbone}` backbone, trained on "
+        f"**{dataset_name}** with **{method}** under the **{protocol_text}** labeled-data protocol.",
+        "",
+        "Cross Pseudo Supervision (CPS, Chen et al., CVPR 2021) trains two segmentation networks of the same "
+        "architecture from different initialisations; each network's one-hot prediction (pseudo label) on "
+        "unlabeled images supervises the other with cross-entropy, on top of the usual supervised loss on "
+        "labeled images. This repository holds one of the two networks; either can be used at inference.",
+        "",
+        "## Model details",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| Method | {_cell(method)} |",
+        f"| Labeled-data protocol | {_cell(protocol_text)} |",
+        f"| Dataset | {_cell(dataset_name)} |",
+        "| Architecture | DeepLabv3+ (ASPP + decoder) on a timm `features_only` backbone |",
+        f"| Backbone | `{_cell(backbone)}` |",
+        f"| Backbone initialisation | {_cell(config.backbone_pretrained_source or 'random')} |",
+        f"| Output stride | {stride} |",
+        f"| ASPP rates | {', '.join(str(rate) for rate in config.aspp_rates)} |",
+        f"| Classes | {config.num_labels} |",
+        "",
+    ]
+
+    if metrics:
+        lines += [f"## Results ({_cell(dataset_name)}, `{_cell(split)}` split)", ""]
+        lines += ["| Metric | Value (%) |", "|---|---|"]
+        lines += [f"| {SCALAR_METRICS[name]} | {_percent(value)} |" for name, value in metrics.items()]
+        lines.append("")
+    if per_class is not None:
+        lines += ["### Per-class IoU", "", "| Id | Class | IoU (%) |", "|---|---|---|"]
+        for class_id, iou in enumerate(per_class):
+            lines.append(f"| {class_id} | {_cell(config.id2label.get(class_id, class_id))} | {_percent(iou)} |")
+        lines += ["", "n/a: the class appears in neither the predictions nor the labels of this split.", ""]
+
+    lines += [
+        "## How to use",
+        "",
+        "The model is a native transformers model registered by the `cps_hf` package: import it once, "
+        "then use the Auto classes or the pipeline (no `trust_remote_code`).",
+        "",
+        "```python",
+        "import cps_hf  # registers the CPS config, model and image processor with transformers",
+        "from transformers import pipeline",
+        "",
+        f'segmenter = pipeline("image-segmentation", model="{model_ref}", subtask="semantic")',
+        'segments = segmenter("image.jpg")  # [{"label": ..., "mask": PIL image at the input size}, ...]',
+        "```",
+        "",
+        "Or with the model and image processor directly:",
+        "",
+        "```python",
+        "import torch",
+        "import cps_hf",
+        "from PIL import Image",
+        "from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation",
+        "",
+        f'processor = AutoImageProcessor.from_pretrained("{model_ref}")',
+        f'model = AutoModelForSemanticSegmentation.from_pretrained("{model_ref}").eval()',
+        'image = Image.open("image.jpg").convert("RGB")',
+        "with torch.no_grad():",
+        '    outputs = model(**processor(image, return_tensors="pt"))',
+        "label_map = processor.post_process_semantic_segmentation(outputs, target_sizes=[image.size[::-1]])[0]",
+        "```",
+        "",
+    ]
+
+    if training_args:
+        lines += ["## Training hyper-parameters", "", "| Hyper-parameter | Value |", "|---|---|"]
+        lines += [f"| {_cell(key)} | {_cell(value)} |" for key, value in training_args.items()]
+        lines.append("")
+
+    lines += ["## Citation", "", "```bibtex", PAPER_BIBTEX, "```", ""]
+    return "\n".join(lines)
+
+
+def build_model_card(
+    config: CPSConfig,
+    *,
+    results: dict | None = None,
+    dataset_name: str,
+    dataset_type: str,
+    protocol: str | None,
+    method: str,
+    backbone: str | None = None,
+    split: str = "val",
+    training_args: dict | None = None,
+    repo_id: str | None = None,
+    license: str | None = None,
+) -> ModelCard:
+    """The model card of an exported CPS model: model-index mIoU metadata plus a readable body.
+
+    `results` uses evaluate's `mean_iou` keys (fractions in [0, 1]), with or without the
+    Trainer's `eval_` prefix; the metadata keeps fractions, the body shows percentages.
+    """
+    if not dataset_name or not dataset_type:
+        raise ValueError("build_model_card needs a non-empty dataset_name and dataset_type")
+    if not method:
+        raise ValueError("build_model_card needs a non-empty method (e.g. 'CPS' or 'CPS + CutMix')")
+    backbone = backbone or config.backbone
+    model_name = repo_id.split("/")[-1] if repo_id else f"cps-deeplabv3plus-{backbone}"
+
+    results = dict(results or {})
+    metrics = {}
+    for name in SCALAR_METRICS:
+        value = _lookup(results, name)
+        if value is not None:
+            metrics[name] = _fraction(value, name)
+    per_class = _per_class_iou(results, config)
+    if results and "mean_iou" not in metrics:
+        raise ValueError(
+            f"results has no 'mean_iou' (or 'eval_mean_iou') entry; keys given: {sorted(results)}"
+        )
+
+    card_data = _card_metadata(
+        config,
+        metrics,
+        model_name=model_name,
+        dataset_name=dataset_name,
+        dataset_type=dataset_type,
+        split=split,
+        backbone=backbone,
+        license=license,
+    )
+    body = _card_body(
+        config,
+        metrics,
+        per_class,
+        model_name=model_name,
+        dataset_name=dataset_name,
+        protocol=protocol,
+        method=method,
+        backbone=backbone,
+        split=split,
+        training_args=training_args,
+        repo_id=repo_id,
+    )
+    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+# ---------------------------------------------------------------------------------------------
+
+
+def export_model(
+    model: PreTrainedModel,
+    output_dir: str | os.PathLike,
+    *,
+    image_processor: CPSImageProcessor | None = None,
+    card: ModelCard | None = None,
+    **card_kwargs,
+) -> Path:
+    """Write a pipeline-ready folder: safetensors weights, config, image processor, model card.
+
+    Give either a ready `card` or the `build_model_card` keywords (dataset_name, dataset_type,
+    protocol, method, results, ...). The folder must be new, empty, or a previous export: stray
+    files (old `*.bin` checkpoints, optimizer states) would otherwise be pushed along with it.
+    """
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(
+            f"export_model needs a transformers PreTrainedModel, got {type(model).__name__} "
+            "(unwrap DDP/accelerate wrappers first, e.g. accelerator.unwrap_model(model))"
+        )
+    if card is not None and card_kwargs:
+        raise TypeError(f"export_model got both card= and model-card keywords {sorted(card_kwargs)}; give one")
+    if card is None:
+        if not card_kwargs:
+            raise TypeError(
+                "export_model needs a model card: pass card=build_model_card(...) or its keywords "
+                "(dataset_name=..., dataset_type=..., protocol=..., method=..., results=...)"
+            )
+        card = build_model_card(model.config, **card_kwargs)
+
+    output_dir = Path(output_dir)
+    if output_dir.exists():
+        stray = [name for name in _files_under(output_dir) if not _is_export_file(name)]
+        if stray:
+            raise FileExistsError(
+                f"{output_dir} holds files that are not part of an export: {stray}; use an empty folder"
+            )
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    model.save_pretrained(output_dir)  # transformers 5 writes safetensors only
+    (image_processor or CPSImageProcessor()).save_pretrained(output_dir)
+    card.save(output_dir / CARD_FILE)
+    return output_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# Push
+# ---------------------------------------------------------------------------------------------
+
+
+def _export_operations(folder: Path) -> list[CommitOperationAdd]:
+    """One add-operation per exported file; anything else in the folder is an error, not skipped."""
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is not a folder written by export_model")
+    files = _files_under(folder)
+    pickles = [name for name in files if name.lower().endswith(PICKLE_SUFFIXES)]
+    if pickles:
+        raise ValueError(f"{folder} holds pickle-based files {pickles}: only safetensors weights are pushed")
+    has_weights = WEIGHTS_FILE in files or WEIGHTS_INDEX_FILE in files
+    if CONFIG_FILE not in files or not has_weights:
+        missing = [name for name, ok in ((CONFIG_FILE, CONFIG_FILE in files), (WEIGHTS_FILE, has_weights)) if not ok]
+        raise FileNotFoundError(f"{folder} lacks {missing}: export the model with cps_hf.hub.export_model first")
+    unexpected = [name for name in files if not _is_export_file(name)]
+    if unexpected:
+        raise ValueError(
+            f"{folder} holds files that are not part of an export: {unexpected}; "
+            "push a folder written by export_model"
+        )
+    return [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in files]
+
+
+def push_model(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool | None = None,
+    commit_message: str = "Upload CPS model",
+    revision: str | None = None,
+):
+    """Create (or reuse) the model repo and upload an exported folder in one commit.
+
+    We build the add-operations ourselves and call `create_commit` rather than `upload_folder`:
+    the folder is checked file by file first (no pickles, nothing unexpected), and one commit
+    holds exactly the exported files (with hf_xet installed `upload_folder` may split a folder
+    into several commits). Returns huggingface_hub's `CommitInfo`.
+    """
+    operations = _export_operations(Path(folder))
+    api = HfApi(token=token)
+    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    if revision not in (None, "main"):
+        api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
+    return api.create_commit(
+        repo_id=repo_id,
+        repo_type="model",
+        operations=operations,
+        commit_message=commit_message,
+        revision=revision,
+    )
+
+
+__all__ = ["build_model_card", "export_model", "push_model", "PAPER_BIBTEX"]
