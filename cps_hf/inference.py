@@ -1,0 +1,283 @@
+"""The paper's inference protocols and a dataset-wide evaluation loop.
+
+What the original CPS code does (TorchSemiSeg's evaluator), and what is kept here:
+
+- VOC: "whole image": the normalised image is padded (centred, value 0 = the mean colour after
+  normalisation) up to the crop size when smaller, run once, and the padding cropped off the logits.
+- Cityscapes: sliding windows of `crop_size` (800) with `stride` (534 = ceil(800 * 2/3)); the image
+  is padded to at least one crop, windows are clamped to the image end, and window logits are
+  summed over the overlaps. Here the sum is divided by the per-pixel window count. The original
+  leaves the division out; at a single scale that gives the same argmax (every class at a pixel
+  is divided by the same count), and with several scales it keeps each scale's weight equal.
+- Multi-scale and flip: the image is resized per scale, the flipped image's logits are flipped
+  back and added, the logits of every scale are resized to the input size and summed. Here sums
+  become means (same argmax for flips; equal scale weights as above).
+- Branches: the original evaluates branch 1 only. Passing a list of models averages their
+  *logits* (the original's convention everywhere else: it never applies softmax before summing).
+
+Models are called as `model(pixel_values=x)` and must return `.logits` (or a tensor / tuple whose
+first item is the logits) of shape (B, C, h, w); logits smaller than the input (e.g. SegFormer's
+1/4 resolution) are upsampled bilinearly to it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+
+from .metrics import MeanIoU
+
+ModelLike = Callable[..., object]
+
+
+def _pair(size) -> tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    height, width = size
+    return int(height), int(width)
+
+
+def _resize(tensor: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(tensor.shape[-2:]) == tuple(size):
+        return tensor
+    return F.interpolate(tensor, size=size, mode="bilinear", align_corners=False)
+
+
+def _logits_of(model: ModelLike, pixel_values: torch.Tensor) -> torch.Tensor:
+    output = model(pixel_values=pixel_values)
+    if hasattr(output, "logits"):
+        logits = output.logits
+    elif isinstance(output, (tuple, list)):
+        logits = output[0]
+    else:
+        logits = output
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 4:
+        raise ValueError(f"model output must hold logits of shape (B, C, h, w); got {type(output).__name__}")
+    return _resize(logits.float(), tuple(pixel_values.shape[-2:]))
+
+
+def _forward(models: Sequence[ModelLike], pixel_values: torch.Tensor, flip: bool) -> torch.Tensor:
+    """Mean logits over branches, and over the flipped input when `flip`."""
+    logits = sum(_logits_of(model, pixel_values) for model in models) / len(models)
+    if flip:
+        flipped = sum(_logits_of(model, pixel_values.flip(-1)) for model in models) / len(models)
+        logits = (logits + flipped.flip(-1)) / 2
+    return logits
+
+
+def _pad_to(pixel_values: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    """Centred zero padding up to `size` (as the original's pad_image_to_shape); returns the margins."""
+    height, width = pixel_values.shape[-2:]
+    pad_h, pad_w = max(size[0] - height, 0), max(size[1] - width, 0)
+    top, left = pad_h // 2, pad_w // 2
+    margins = (top, pad_h - top, left, pad_w - left)
+    if pad_h or pad_w:
+        pixel_values = F.pad(pixel_values, (left, pad_w - left, top, pad_h - top), value=0.0)
+    return pixel_values, margins
+
+
+def _crop_margins(logits: torch.Tensor, margins: tuple[int, int, int, int]) -> torch.Tensor:
+    top, bottom, left, right = margins
+    return logits[..., top : logits.shape[-2] - bottom, left : logits.shape[-1] - right]
+
+
+def _window_starts(length: int, crop: int, stride: int) -> list[int]:
+    """Window starts covering [0, length): every `stride`, the last one clamped to end at `length`."""
+    count = math.ceil(max(length - crop, 0) / stride) + 1
+    return sorted({min(index * stride, length - crop) for index in range(count)})
+
+
+def _predict_whole(models, pixel_values, crop_size, flip) -> torch.Tensor:
+    if crop_size is None:
+        return _forward(models, pixel_values, flip)
+    padded, margins = _pad_to(pixel_values, crop_size)
+    return _crop_margins(_forward(models, padded, flip), margins)
+
+
+def _predict_slide(models, pixel_values, crop_size, stride, flip) -> torch.Tensor:
+    padded, margins = _pad_to(pixel_values, crop_size)
+    height, width = padded.shape[-2:]
+    total, counts = None, torch.zeros(1, 1, height, width, device=padded.device)
+    for top in _window_starts(height, crop_size[0], stride[0]):
+        for left in _window_starts(width, crop_size[1], stride[1]):
+            window = padded[..., top : top + crop_size[0], left : left + crop_size[1]]
+            logits = _forward(models, window, flip)
+            if total is None:
+                total = padded.new_zeros(padded.shape[0], logits.shape[1], height, width)
+            total[..., top : top + crop_size[0], left : left + crop_size[1]] += logits
+            counts[..., top : top + crop_size[0], left : left + crop_size[1]] += 1
+    return _crop_margins(total / counts, margins)
+
+
+@torch.no_grad()
+def predict_logits(
+    models: ModelLike | Sequence[ModelLike],
+    pixel_values: torch.Tensor,
+    mode: str = "whole",
+    crop_size: int | tuple[int, int] | None = None,
+    stride: int | tuple[int, int] | None = None,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    num_labels: int | None = None,
+) -> torch.Tensor:
+    """Logits (B, C, H, W) at the input size under one of the paper's inference protocols.
+
+    Args:
+        models: one model, or several (e.g. both CPS branches) whose logits are averaged.
+        pixel_values: normalised images (B, 3, H, W).
+        mode: "whole" (pad to `crop_size` if given and larger, run once) or "slide" (windows).
+        crop_size: window size for "slide"; padding target for "whole" (None: no padding).
+        stride: window step for "slide"; default ceil(2/3 * crop), the original's stride rate.
+        scales: image scales; logits of each are resized back to (H, W) and averaged.
+        flip: also run the horizontally flipped image and average.
+        num_labels: if given, checked against the models' output channels.
+    """
+    models = list(models) if isinstance(models, (list, tuple)) else [models]
+    if not models:
+        raise ValueError("predict_logits needs at least one model")
+    if pixel_values.dim() != 4:
+        raise ValueError(f"pixel_values must have shape (B, 3, H, W), got {tuple(pixel_values.shape)}")
+    if mode not in ("whole", "slide"):
+        raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
+    if mode == "slide" and crop_size is None:
+        raise ValueError("mode='slide' needs crop_size (the original uses 800 with stride 534 on Cityscapes)")
+    crop = None if crop_size is None else _pair(crop_size)
+    if crop is not None:
+        steps = tuple(math.ceil(c * 2 / 3) for c in crop) if stride is None else _pair(stride)
+        if min(crop) < 1 or min(steps) < 1:
+            raise ValueError(f"crop_size and stride must be positive, got {crop} and {steps}")
+    if not scales:
+        raise ValueError("scales must hold at least one scale")
+
+    size = tuple(pixel_values.shape[-2:])
+    summed = None
+    for scale in scales:
+        scaled_size = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
+        scaled = _resize(pixel_values, scaled_size)
+        if mode == "whole":
+            logits = _predict_whole(models, scaled, crop, flip)
+        else:
+            logits = _predict_slide(models, scaled, crop, steps, flip)
+        logits = _resize(logits, size)
+        summed = logits if summed is None else summed + logits
+    logits = summed / len(scales)
+    if num_labels is not None and logits.shape[1] != num_labels:
+        raise ValueError(f"models return {logits.shape[1]} classes but num_labels={num_labels}")
+    return logits
+
+
+# ---------------------------------------------------------------------- dataset evaluation
+def _rank_and_world(accelerator) -> tuple[int, int]:
+    if accelerator is not None:
+        return accelerator.process_index, accelerator.num_processes
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class _EveryNth(IterableDataset):
+    """Items rank, rank + world, ... of an iterable: disjoint shards without padding."""
+
+    def __init__(self, source: Iterable, rank: int, world: int):
+        self.source, self.rank, self.world = source, rank, world
+
+    def __iter__(self):
+        for position, item in enumerate(self.source):
+            if position % self.world == self.rank:
+                yield item
+
+
+def shard_for_process(dataset, rank: int, world: int):
+    """This process's disjoint part of `dataset` (no repeated samples, unlike a prepared loader)."""
+    if world == 1:
+        return dataset
+    if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
+        return _EveryNth(dataset, rank, world)
+    return Subset(dataset, range(rank, len(dataset), world))
+
+
+def _loader_for_process(data, rank: int, world: int, batch_size: int, num_workers: int, collate_fn):
+    if isinstance(data, DataLoader):
+        if world == 1:
+            return data
+        data, batch_size, num_workers, collate_fn = data.dataset, data.batch_size, data.num_workers, data.collate_fn
+    shard = shard_for_process(data, rank, world)
+    return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_fn)
+
+
+def _split_batch(batch) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(batch, dict):
+        if "pixel_values" not in batch or "labels" not in batch:
+            raise KeyError(f"evaluation batches need 'pixel_values' and 'labels', got keys {sorted(batch)}")
+        return batch["pixel_values"], batch["labels"]
+    pixel_values, labels = batch[:2]
+    return pixel_values, labels
+
+
+def _model_device(models: Sequence[ModelLike]) -> torch.device:
+    for model in models:
+        if isinstance(model, torch.nn.Module):
+            for parameter in model.parameters():
+                return parameter.device
+    return torch.device("cpu")
+
+
+def evaluate_model(
+    models: ModelLike | Sequence[ModelLike],
+    data: Dataset | IterableDataset | DataLoader,
+    num_labels: int,
+    ignore_index: int = 255,
+    mode: str = "whole",
+    accelerator=None,
+    *,
+    crop_size: int | tuple[int, int] | None = None,
+    stride: int | tuple[int, int] | None = None,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    batch_size: int = 1,
+    num_workers: int = 0,
+    collate_fn=None,
+    label_map=None,
+    reduce_labels: bool = False,
+    nan_to_num=None,
+    progress: bool = False,
+) -> dict:
+    """mIoU of `models` on `data` under an inference protocol, with evaluate's `mean_iou` keys.
+
+    `data` yields {"pixel_values": (3, H, W), "labels": (H, W)} items (or batches, for a
+    DataLoader). In a distributed run each process evaluates a disjoint shard (every world-th
+    item, no padding: an unprepared loader is re-sharded, so do not pass one prepared by
+    accelerate), then the confusion matrices are summed, so no sample counts twice. Logits are
+    resized to the label size when the two differ. Models are put in eval mode and restored.
+    """
+    models = list(models) if isinstance(models, (list, tuple)) else [models]
+    rank, world = _rank_and_world(accelerator)
+    device = accelerator.device if accelerator is not None else _model_device(models)
+    loader = _loader_for_process(data, rank, world, batch_size, num_workers, collate_fn)
+    metric = MeanIoU(num_labels, ignore_index=ignore_index, nan_to_num=nan_to_num, label_map=label_map,
+                     reduce_labels=reduce_labels, device=device)
+    was_training = [getattr(model, "training", False) for model in models]
+    for model in models:
+        if isinstance(model, torch.nn.Module):
+            model.eval()
+    try:
+        batches = loader
+        if progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(loader, desc="evaluating", disable=rank != 0)
+        for batch in batches:
+            pixel_values, labels = _split_batch(batch)
+            logits = predict_logits(models, pixel_values.to(device), mode=mode, crop_size=crop_size, stride=stride,
+                                    scales=scales, flip=flip, num_labels=num_labels)
+            logits = _resize(logits, tuple(labels.shape[-2:]))
+            metric.add_batch(predictions=logits.argmax(1), references=labels.to(device))
+    finally:
+        for model, training in zip(models, was_training):
+            if isinstance(model, torch.nn.Module):
+                model.train(training)
+    return metric.sync(accelerator).compute()
