@@ -223,6 +223,8 @@ class CPSForSemanticSegmentation(CPSPreTrainedModel):
         a local timm/PyTorch checkpoint file. `from_pretrained` never calls this: a trained model's
         backbone comes from its own safetensors.
         """
+        if source is False or source is None:
+            raise ValueError("load_pretrained_backbone needs source=True (timm Hub weights) or a checkpoint path")
         path = None if source is True else os.fspath(source)
         if path is not None and not os.path.isfile(path):
             raise FileNotFoundError(f"backbone checkpoint {path!r} does not exist")

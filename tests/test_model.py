@@ -108,10 +108,12 @@ def test_save_load_round_trip_with_auto_classes(tmp_path):
     assert isinstance(AutoImageProcessor.from_pretrained(tmp_path), CPSImageProcessor)
     loaded = AutoModelForSemanticSegmentation.from_pretrained(tmp_path).eval()
     assert isinstance(loaded, CPSForSemanticSegmentation)
+    for (name, saved), (_, reloaded) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(saved, reloaded), name
     pixels = torch.randn(2, 3, 40, 56)
-    with torch.no_grad():
+    with torch.no_grad():  # equal weights; memory alignment of mmapped tensors can change the last float bits
         torch.testing.assert_close(loaded(pixel_values=pixels).logits, model(pixel_values=pixels).logits,
-                                   rtol=0, atol=0)
+                                   rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(loaded.backbone.bn1.running_var, model.backbone.bn1.running_var, rtol=0, atol=0)
 
 
