@@ -36,6 +36,7 @@ from cps_hf.optim import build_optimizer, poly_schedule  # noqa: E402
 from cps_hf.training import (  # noqa: E402
     JsonlLog,
     TrainProgress,
+    TransformedDataset,
     build_networks,
     checkpoint_step,
     find_checkpoint,
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     streams = TrainStreams(
         bundle.labeled, bundle.unlabeled,
-        TrainTransform(crop_size=args.crop_size, scales=tuple(args.scales)),
+        TrainTransform(crop_size=args.crop_size, scales=tuple(args.scales), num_classes=len(bundle.class_names)),
         batch_size=args.per_device_train_batch_size, seed=args.seed,
         num_unlabeled_streams=method.num_unlabeled_streams, same_unlabeled_order=args.cutmix_same_image,
         rank=accelerator.process_index, world_size=accelerator.num_processes, num_workers=args.num_workers,
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     val_set = bundle.val
     if args.max_eval_samples is not None:
         val_set = val_set.select(range(min(args.max_eval_samples, len(val_set))))
-    val_set = val_set.with_transform(EvalTransform())
+    val_set = TransformedDataset(val_set, EvalTransform(num_classes=len(bundle.class_names)))
     steps_per_epoch = math.ceil(streams.steps_per_epoch / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     logger.info(
