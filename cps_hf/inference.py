@@ -281,3 +281,73 @@ def evaluate_model(
             if isinstance(model, torch.nn.Module):
                 model.train(training)
     return metric.sync(accelerator).compute()
+
+
+# ---------------------------------------------------------------------- loading for the scripts
+class TransformedDataset(Dataset):
+    """Applies a per-item transform (e.g. `cps_hf.data.EvalTransform`) on indexing.
+
+    `datasets.Dataset.with_transform` hands the transform a *batch* (dict of lists); this wrapper
+    keeps per-item transforms per item and works with `Subset` sharding."""
+
+    def __init__(self, dataset, transform):
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.transform(self.dataset[int(index)])
+
+
+DEFAULT_PROTOCOLS = {
+    # The original's evaluation: VOC whole image padded to the 512 crop; Cityscapes 800 windows, stride 534.
+    "voc": {"mode": "whole", "crop_size": 512, "stride": None},
+    "cityscapes": {"mode": "slide", "crop_size": 800, "stride": 534},
+    "folder": {"mode": "whole", "crop_size": None, "stride": None},
+}
+
+
+def load_eval_split(dataset: str, data_root: str, split: str = "val"):
+    """A labelled split as a `datasets.Dataset` (image, label, id) from one of cps_hf's loaders."""
+    from .data import load_cityscapes, load_image_folder, load_voc
+
+    loaders = {"voc": load_voc, "cityscapes": load_cityscapes, "folder": load_image_folder}
+    if dataset not in loaders:
+        raise ValueError(f"--dataset must be one of {sorted(loaders)}, got {dataset!r}")
+    return loaders[dataset](data_root, split=split)
+
+
+def load_segmentation_model(name_or_path: str, device: torch.device | str = "cpu"):
+    """(model in eval mode, image mean, image std) from a folder or Hub id via the Auto classes."""
+    import transformers
+
+    from . import CPSForSemanticSegmentation  # noqa: F401  (registers the CPS Auto classes)
+
+    model = transformers.AutoModelForSemanticSegmentation.from_pretrained(name_or_path).to(device).eval()
+    try:
+        processor = transformers.AutoImageProcessor.from_pretrained(name_or_path)
+        mean, std = tuple(processor.image_mean), tuple(processor.image_std)
+    except (OSError, ValueError, AttributeError, TypeError):  # no processor saved: the ImageNet statistics
+        mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    return model, mean, std
+
+
+def resolve_protocol(dataset: str, mode: str | None = None, crop_size: int | None = None, stride: int | None = None,
+                     scales: Sequence[float] = (1.0,), flip: bool = False) -> dict:
+    """Keyword arguments for `predict_logits`/`evaluate_model`: the dataset's original protocol,
+    overridden by whatever is given (`crop_size=0` means no crop/padding)."""
+    if dataset not in DEFAULT_PROTOCOLS:
+        raise ValueError(f"no default protocol for dataset {dataset!r}; known: {sorted(DEFAULT_PROTOCOLS)}")
+    protocol = dict(DEFAULT_PROTOCOLS[dataset])
+    if mode is not None:
+        protocol["mode"] = mode
+    if crop_size is not None:
+        protocol["crop_size"] = crop_size or None
+    if stride is not None:
+        protocol["stride"] = stride
+    if protocol["mode"] == "slide" and protocol["crop_size"] is None:
+        raise ValueError("the slide protocol needs a crop size")
+    if protocol["mode"] == "slide" and protocol["stride"] is None:
+        protocol["stride"] = math.ceil(protocol["crop_size"] * 2 / 3)
+    return {**protocol, "scales": tuple(scales), "flip": bool(flip)}

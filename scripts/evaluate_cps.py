@@ -1,0 +1,134 @@
+#!/usr/bin/env python
+"""Evaluate a segmentation model on a labelled split under the paper's inference protocols.
+
+    python scripts/evaluate_cps.py --model outputs/voc_cps/model --dataset voc --data_root data/VOC --split val
+    python scripts/evaluate_cps.py --model user/cps-cityscapes --dataset cityscapes --data_root data/cityscapes \
+        --mode slide --crop_size 800 --stride 534 --scales 0.75 1.0 1.25 --flip --output results.json
+
+Defaults follow the original code: VOC whole image padded to 512; Cityscapes 800x800 windows with
+stride 534; single scale, no flip, one branch. `--model2 DIR --both_branches` averages the logits of
+the two CPS branches. Prints a per-class table and writes evaluate-style keys with the `eval_`
+prefix (as the trainer's all_results.json). Runs under `accelerate launch` too: each process takes
+a disjoint share of the images and the confusion matrices are summed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="model folder or Hub id (a transformers segmentation model)")
+    parser.add_argument("--model2", help="the second CPS branch (folder or Hub id), used with --both_branches")
+    parser.add_argument("--both_branches", action="store_true", help="average the logits of --model and --model2")
+    parser.add_argument("--dataset", required=True, choices=["voc", "cityscapes", "folder"])
+    parser.add_argument("--data_root", required=True)
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--mode", choices=["whole", "slide"], help="default: whole for voc/folder, slide for cityscapes")
+    parser.add_argument("--crop_size", type=int, help="default: 512 (voc), 800 (cityscapes), none (folder); 0 = none")
+    parser.add_argument("--stride", type=int, help="sliding-window step; default 534 (cityscapes) or ceil(2/3 crop)")
+    parser.add_argument("--scales", type=float, nargs="+", default=[1.0])
+    parser.add_argument("--flip", action="store_true", help="also average the horizontally flipped prediction")
+    parser.add_argument("--batch_size", type=int, default=1)
+    parser.add_argument("--num_workers", type=int, default=0)
+    parser.add_argument("--max_samples", type=int, help="evaluate only the first N images (quick checks)")
+    parser.add_argument("--output", help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    if args.both_branches and not args.model2:
+        parser.error("--both_branches needs --model2 (the second branch's folder or Hub id)")
+    if args.model2 and not args.both_branches:
+        parser.error("--model2 is only used with --both_branches")
+    if args.batch_size > 1 and args.dataset == "voc":
+        parser.error("VOC images differ in size: use --batch_size 1")
+    return args
+
+
+def protocol_from_args(args) -> dict:
+    from cps_hf.inference import resolve_protocol
+
+    try:
+        return resolve_protocol(args.dataset, args.mode, args.crop_size, args.stride, args.scales, args.flip)
+    except ValueError as err:
+        raise SystemExit(f"--mode/--crop_size: {err}") from err
+
+
+def _plain(value):
+    """JSON-safe: arrays to lists, NaN to null."""
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()]
+    if isinstance(value, (float, np.floating)):
+        return None if math.isnan(value) else float(value)
+    return value
+
+
+def format_table(results: dict, class_names: list[str]) -> str:
+    width = max(12, *(len(name) for name in class_names))
+    lines = [f"{'class':<{width}}  {'IoU':>6}  {'Acc':>6}"]
+    for name, iou, acc in zip(class_names, results["per_category_iou"], results["per_category_accuracy"]):
+        cells = ["   n/a" if math.isnan(v) else f"{100 * v:6.2f}" for v in (iou, acc)]
+        lines.append(f"{name:<{width}}  {cells[0]}  {cells[1]}")
+    lines.append(f"{'mIoU':<{width}}  {100 * results['mean_iou']:6.2f}")
+    lines.append(f"{'mAcc':<{width}}  {100 * results['mean_accuracy']:6.2f}")
+    lines.append(f"{'aAcc':<{width}}  {100 * results['overall_accuracy']:6.2f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from accelerate import Accelerator
+
+    from cps_hf.data import EvalTransform, class_spec_of
+    from cps_hf.inference import TransformedDataset, evaluate_model, load_eval_split, load_segmentation_model
+
+    accelerator = Accelerator()
+    protocol = protocol_from_args(args)
+    model, mean, std = load_segmentation_model(args.model, accelerator.device)
+    models = [model]
+    if args.both_branches:
+        models.append(load_segmentation_model(args.model2, accelerator.device)[0])
+        if models[1].config.num_labels != model.config.num_labels:
+            raise SystemExit(f"--model has {model.config.num_labels} classes but --model2 {models[1].config.num_labels}")
+    num_labels = model.config.num_labels
+
+    split = load_eval_split(args.dataset, args.data_root, args.split)
+    spec = class_spec_of(split)
+    class_names = list(spec.names) if spec is not None else [model.config.id2label[i] for i in range(num_labels)]
+    if len(class_names) != num_labels:
+        raise SystemExit(f"{args.data_root} ({args.dataset}) has {len(class_names)} classes but the model predicts "
+                         f"{num_labels}")
+    if args.max_samples is not None:
+        split = split.select(range(min(args.max_samples, len(split))))
+    data = TransformedDataset(split, EvalTransform(mean=mean, std=std, num_classes=num_labels))
+
+    results = evaluate_model(
+        models, data, num_labels=num_labels, ignore_index=255, accelerator=accelerator,
+        batch_size=args.batch_size, num_workers=args.num_workers, progress=True, **protocol,
+    )
+    summary = {f"eval_{key}": _plain(value) for key, value in results.items()}
+    summary.update({
+        "class_names": class_names,
+        "model": args.model,
+        "model2": args.model2,
+        "dataset": args.dataset,
+        "split": args.split,
+        "num_samples": len(data),
+        "protocol": {**protocol, "scales": list(protocol["scales"]), "branches": len(models)},
+    })
+    if accelerator.is_main_process:
+        print(format_table(results, class_names))
+        print(f"protocol: {summary['protocol']}; {len(data)} images")
+        if args.output:
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.output).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

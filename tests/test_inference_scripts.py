@@ -1,0 +1,102 @@
+"""scripts/evaluate_cps.py and scripts/make_figures.py end to end on a tiny demo VOC and random-init models."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cps_hf import CPSConfig, CPSForSemanticSegmentation, CPSImageProcessor
+from cps_hf.data import DEMO_CLASSES, make_demo_voc
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def save_tiny_model(folder: Path, seed: int) -> str:
+    torch.manual_seed(seed)
+    config = CPSConfig(backbone="resnet18", num_labels=len(DEMO_CLASSES), id2label=dict(enumerate(DEMO_CLASSES)),
+                       label2id={n: i for i, n in enumerate(DEMO_CLASSES)}, aspp_channels=16, decoder_channels=16,
+                       low_level_channels=8)
+    model = CPSForSemanticSegmentation(config).eval()
+    model.save_pretrained(folder)
+    CPSImageProcessor().save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    make_demo_voc(root / "voc", num_train=1, num_val=3, size=(32, 40), seed=0)
+    return root, save_tiny_model(root / "sup", 0), save_tiny_model(root / "cps", 1)
+
+
+def test_evaluate_cps_writes_eval_keys_matching_a_direct_evaluation(workspace, capsys):
+    root, sup, cps = workspace
+    evaluate_cps = load_script("evaluate_cps")
+    output = root / "results.json"
+    summary = evaluate_cps.main(["--model", sup, "--dataset", "voc", "--data_root", str(root / "voc"),
+                                 "--crop_size", "48", "--output", str(output)])
+    written = json.loads(output.read_text())
+    assert written == json.loads(json.dumps(summary))
+    assert {"eval_mean_iou", "eval_mean_accuracy", "eval_overall_accuracy", "eval_per_category_iou",
+            "eval_per_category_accuracy"} <= set(written)
+    assert written["protocol"] == {"mode": "whole", "crop_size": 48, "stride": None, "scales": [1.0], "flip": False,
+                                   "branches": 1}
+    assert written["num_samples"] == 3 and written["class_names"] == DEMO_CLASSES
+    printed = capsys.readouterr().out
+    assert "mIoU" in printed and "striped" in printed
+
+    # the same numbers straight from the library
+    from cps_hf.data import EvalTransform, load_voc
+    from cps_hf.inference import TransformedDataset, evaluate_model, load_segmentation_model
+
+    model, mean, std = load_segmentation_model(sup)
+    data = TransformedDataset(load_voc(root / "voc", split="val"), EvalTransform(mean, std))
+    direct = evaluate_model(model, data, num_labels=len(DEMO_CLASSES), crop_size=48)
+    assert written["eval_mean_iou"] == pytest.approx(float(direct["mean_iou"]))
+
+
+def test_evaluate_cps_both_branches_slide_flip(workspace, tmp_path):
+    root, sup, cps = workspace
+    evaluate_cps = load_script("evaluate_cps")
+    summary = evaluate_cps.main(["--model", sup, "--model2", cps, "--both_branches", "--dataset", "voc",
+                                 "--data_root", str(root / "voc"), "--mode", "slide", "--crop_size", "24",
+                                 "--scales", "0.75", "1.0", "--flip", "--max_samples", "1"])
+    assert summary["protocol"]["branches"] == 2 and summary["protocol"]["stride"] == 16
+    assert summary["num_samples"] == 1
+    assert 0.0 <= summary["eval_overall_accuracy"] <= 1.0
+    with pytest.raises(SystemExit):
+        evaluate_cps.parse_args(["--model", sup, "--both_branches", "--dataset", "voc", "--data_root", "x"])
+
+
+def test_make_figures_grid_and_curves(workspace, tmp_path):
+    root, sup, cps = workspace
+    log = tmp_path / "run" / "log.jsonl"
+    log.parent.mkdir()
+    records = [{"step": s, "lr": 0.01 * (1 - s / 10) ** 0.9, "loss": 3 - s / 5, "loss_sup": 1 - s / 20,
+                "loss_cps": 2 - s / 10, "agreement": 0.6 + s / 50} for s in range(10)]
+    records.append({"step": 10, "eval_mean_iou": 0.3})
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    make_figures = load_script("make_figures")
+    written = make_figures.main(["--models", sup, cps, "--titles", "Supervised", "CPS", "--dataset", "voc",
+                                 "--data_root", str(root / "voc"), "--num_images", "2", "--cell_size", "40", "32",
+                                 "--log", str(log.parent), "--output_dir", str(tmp_path / "figs")])
+    assert [p.name for p in written] == ["comparison.png", "training_curves.png", "agreement.png",
+                                         "eval_mean_iou.png"]
+    with Image.open(written[0]) as grid:
+        assert grid.size == (4 * 40 + 5 * 4, 16 + 2 * 32 + 3 * 4)
+        cells = np.asarray(grid)
+    assert cells[16 + 4 : 16 + 36, 4 + 44 : 4 + 84].std() > 0  # the ground-truth cell is not blank
+    for path in written[1:]:
+        with Image.open(path) as picture:
+            assert picture.format == "PNG"
