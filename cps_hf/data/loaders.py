@@ -227,15 +227,15 @@ def load_hub_dataset(
     renames = {old: new for old, new in ((image_column, "image"), (label_column, "label"), (id_column, "id")) if old and old != new}
     if renames:
         ds = ds.rename_columns(renames)
-    if id_column is None:
-        ds = ds.map(lambda _, index: {"id": str(index)}, with_indices=True)
-    elif not streaming:
-        ds = ds.cast_column("id", datasets.Value("string"))
-    keep = ["image", "id"] + (["label"] if label_column else [])
-    ds = ds.select_columns(keep)
-    ds = ds.cast_column("image", datasets.Image())
+    keep = ["image"] + (["label"] if label_column else []) + (["id"] if id_column else [])
+    ds = ds.select_columns(keep).cast_column("image", datasets.Image())
     if label_column:
         ds = ds.cast_column("label", datasets.Image())
+    if id_column is None:
+        features = datasets.Features({**ds.features, "id": datasets.Value("string")})
+        ds = ds.map(lambda _, index: {"id": str(index)}, with_indices=True, features=features)
+    else:
+        ds = ds.cast_column("id", datasets.Value("string"))
     if classes and not streaming:
         ds.info.description = json.dumps({_SPEC_KEY: {"names": list(classes), "ignore_index": IGNORE_INDEX, "palette": None}})
     return ds

@@ -21,12 +21,14 @@ Design
 from __future__ import annotations
 
 import collections
+import copy
 import functools
 import math
 from typing import Any, Callable, Iterator
 
 import cv2
 import datasets
+from datasets.distributed import split_dataset_by_node
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
@@ -260,11 +262,14 @@ class TrainStreams:
         unlabeled_raw = None
         self._pools: list[_StreamedPool] = []
         if num_unlabeled_streams and streaming:
-            shard = datasets.distributed.split_dataset_by_node(_undecoded(unlabeled, ["image", "id"]), rank, world_size)
+            shard = split_dataset_by_node(_undecoded(unlabeled, ["image", "id"]), rank, world_size)
             count = 1 if same_unlabeled_order else num_unlabeled_streams
             self._pools = [_StreamedPool(shard, seed + stream, shuffle_buffer) for stream in range(count)]
         elif num_unlabeled_streams:
             unlabeled_raw = _undecoded(unlabeled, ["image", "id"])
+        if getattr(transform, "num_classes", 0) is None and self.num_classes is not None:
+            transform = copy.copy(transform)  # check label values against the dataset's classes
+            transform.num_classes = self.num_classes
         self._worker_dataset = _StepBatches(self.plan, labeled_raw, unlabeled_raw, transform, self.num_classes)
         self.epoch, self.step = 0, 0
         self._iterator = None
