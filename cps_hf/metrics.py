@@ -287,14 +287,16 @@ def _joint_histogram(pred: torch.Tensor, ref_columns: torch.Tensor, num_labels: 
     index_dtype = torch.int32 if size < 2**31 else torch.int64
     total = torch.zeros(size, dtype=torch.int64, device=pred.device)
     wide = pred.dtype in (torch.int32, torch.int64)
-    for start in range(0, pred.numel(), _CHUNK_PIXELS):
-        chunk = pred[start : start + _CHUNK_PIXELS]
+    # Chunks keep CPU temporaries in cache; on accelerators one launch per op is faster.
+    step = _CHUNK_PIXELS if pred.device.type == "cpu" else max(pred.numel(), 1)
+    for start in range(0, pred.numel(), step):
+        chunk = pred[start : start + step]
         if wide:
             low, high = torch.aminmax(chunk)
             if int(low) < 0 or int(high) >= num_labels:
                 return None
         index = chunk.to(index_dtype, copy=True)  # never write into the input
-        columns = ref_columns[start : start + _CHUNK_PIXELS]
+        columns = ref_columns[start : start + step]
         if columns.dtype not in (torch.uint8, index_dtype):
             columns = columns.to(index_dtype)  # mixed-dtype in-place adds are ~30x slower
         index.mul_(num_columns).add_(columns)

@@ -301,3 +301,17 @@ def test_evaluate_load_offline_matches_reference():
         result = metric.compute(predictions=predictions, references=references, num_labels=5, ignore_index=255,
                                 reduce_labels=True, nan_to_num=0)
     assert_same(result, reference_mean_iou(predictions, references, 5, 255, nan_to_num=0, reduce_labels=True))
+
+
+@pytest.mark.gpu
+def test_cuda_inputs_give_the_cpu_result():
+    rng = np.random.default_rng(8)
+    prediction, reference = random_maps(rng, (3, 40, 40), 9, dtype=np.uint8)
+    cpu, cuda = MeanIoU(9), MeanIoU(9)
+    cpu.add_batch(predictions=prediction, references=reference)
+    cuda.add_batch(predictions=torch.from_numpy(prediction).cuda(), references=torch.from_numpy(reference).cuda())
+    assert cuda.confusion_matrix.device.type == "cuda"
+    assert torch.equal(cuda.confusion_matrix.cpu(), cpu.confusion_matrix)
+    with pytest.raises(ValueError, match="predictions contain"):
+        cuda.add_batch(predictions=torch.full((2, 2), 9, device="cuda"), references=torch.zeros(2, 2, device="cuda",
+                                                                                              dtype=torch.long))
