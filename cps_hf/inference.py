@@ -204,7 +204,8 @@ def _loader_for_process(data, rank: int, world: int, batch_size: int, num_worker
     if isinstance(data, DataLoader):
         if world == 1:
             return data
-        data, batch_size, num_workers, collate_fn = data.dataset, data.batch_size, data.num_workers, data.collate_fn
+        # A custom batch_sampler (batch_size None) cannot be split by item: fall back to one image per batch.
+        data, batch_size, num_workers, collate_fn = data.dataset, data.batch_size or 1, data.num_workers, data.collate_fn
     shard = shard_for_process(data, rank, world)
     return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_fn)
 

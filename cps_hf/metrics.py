@@ -24,7 +24,7 @@ naming the offending values instead. Predictions at ignored pixels are never loo
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import numpy as np
 import torch
