@@ -62,6 +62,8 @@ def test_supervised_keeps_epoch_length_and_has_no_unlabeled(folder):
     streams = TrainStreams(labeled, unlabeled, IdTransform(), batch_size=4, num_unlabeled_streams=0)
     batch = next(streams)
     assert streams.steps_per_epoch == 6 and batch["unlabeled"] == [] and batch["labeled"]["labels"].shape == (4, 1)
+    everything = TrainStreams(labeled, unlabeled.select([]), IdTransform(), batch_size=2, num_unlabeled_streams=0)
+    assert everything.steps_per_epoch == 2  # no unlabeled pool: epochs over the 5 labeled images
 
 
 def test_reproducible_and_resume_mid_epoch(folder):

@@ -248,7 +248,9 @@ class TrainStreams:
         if streaming:
             num_unlabeled = unlabeled_length or _known_length(unlabeled)
         else:
-            num_unlabeled = len(unlabeled) if unlabeled is not None else len(labeled)
+            num_unlabeled = len(unlabeled) if unlabeled is not None else 0
+            if num_unlabeled == 0 and num_unlabeled_streams == 0:
+                num_unlabeled = len(labeled)  # fully supervised on every image: epochs over the labeled set
         if num_unlabeled == 0:
             raise DatasetError("TrainStreams: the unlabeled dataset is empty")
         self.plan = _EpochPlan(len(labeled), num_unlabeled, num_unlabeled, batch_size, seed, rank, world_size,
