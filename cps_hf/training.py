@@ -156,19 +156,6 @@ def _jsonable(value):
     return str(value)
 
 
-class TransformedDataset(torch.utils.data.Dataset):
-    """Item-wise view `transform(dataset[i])`: a `datasets` transform would hand over whole batches."""
-
-    def __init__(self, dataset, transform):
-        self.dataset, self.transform = dataset, transform
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> dict:
-        return self.transform(self.dataset[index])
-
-
 def parameter_fingerprint(networks: list[nn.Module]) -> str:
     """A hash of every parameter: equal on all DDP ranks when training stayed in sync.
 

@@ -29,14 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from cps_hf.data import EvalTransform, TrainStreams, TrainTransform, build_datasets  # noqa: E402
 from cps_hf.hub import build_model_card, export_model, push_model  # noqa: E402
-from cps_hf.inference import evaluate_model  # noqa: E402
+from cps_hf.inference import TransformedDataset, evaluate_model  # noqa: E402
 from cps_hf.losses import OhemCrossEntropy, cross_entropy  # noqa: E402
 from cps_hf.methods import build_method  # noqa: E402
 from cps_hf.optim import build_optimizer, poly_schedule  # noqa: E402
 from cps_hf.training import (  # noqa: E402
     JsonlLog,
     TrainProgress,
-    TransformedDataset,
     build_networks,
     checkpoint_step,
     find_checkpoint,
