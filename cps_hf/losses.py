@@ -92,12 +92,34 @@ class OhemCrossEntropy(nn.Module):
 
 
 def pseudo_labels(logits: torch.Tensor) -> torch.Tensor:
-    """One-hot pseudo segmentation map Y of equation 3, stored as class indices (argmax).
+    """One-hot pseudo segmentation map Y of equation 3, stored as class indices (argmax over C).
 
-    Computed without gradient: CPS never back-propagates into the pseudo labels.
+    Computed without gradient: CPS never back-propagates into the pseudo labels. Uses
+    `max(dim=1).indices` (same result as `argmax(dim=1)`, first maximum on ties), which is several
+    times faster than `argmax` over the channel dimension on CPU.
     """
     with torch.no_grad():
-        return logits.argmax(dim=1)
+        return logits.max(dim=1).indices
+
+
+def cross_supervision(
+    logits_1: torch.Tensor,
+    logits_2: torch.Tensor,
+    labels_from_1: torch.Tensor,
+    labels_from_2: torch.Tensor,
+    ignore_index: int = 255,
+) -> torch.Tensor:
+    """``CE(logits_1, labels_from_2) + CE(logits_2, labels_from_1)``: each network learns from the other.
+
+    `cps_loss` calls it with the networks' own argmaxes; CPS+CutMix with the argmax of the mixed
+    teacher logits. The labels must carry no gradient (pseudo labels are constants).
+    """
+    if logits_1.shape != logits_2.shape:
+        raise ValueError(
+            f"cps loss: both networks' logits must have the same shape, got {tuple(logits_1.shape)} "
+            f"and {tuple(logits_2.shape)}"
+        )
+    return cross_entropy(logits_1, labels_from_2, ignore_index) + cross_entropy(logits_2, labels_from_1, ignore_index)
 
 
 def cps_loss(logits_1: torch.Tensor, logits_2: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
@@ -117,24 +139,15 @@ def cps_loss(logits_1: torch.Tensor, logits_2: torch.Tensor, ignore_index: int =
     cross-entropy as in the original; argmax labels lie in [0, C), so no pixel is ignored unless
     C > ignore_index.
     """
-    if logits_1.shape != logits_2.shape:
-        raise ValueError(
-            f"cps_loss: both networks' logits must have the same shape, got {tuple(logits_1.shape)} "
-            f"and {tuple(logits_2.shape)}"
-        )
-    labels_from_1 = pseudo_labels(logits_1)
-    labels_from_2 = pseudo_labels(logits_2)
-    return cross_entropy(logits_1, labels_from_2, ignore_index) + cross_entropy(
-        logits_2, labels_from_1, ignore_index
-    )
+    return cross_supervision(logits_1, logits_2, pseudo_labels(logits_1), pseudo_labels(logits_2), ignore_index)
 
 
 def agreement_counts(
-    logits_1: torch.Tensor, logits_2: torch.Tensor, ignore_mask: torch.Tensor | None = None
+    predictions_1: torch.Tensor, predictions_2: torch.Tensor, ignore_mask: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pixels where the two argmaxes agree, pixels counted), as tensors (no host sync)."""
+    """(pixels where two (B, H, W) class maps agree, pixels counted), as tensors (no host sync)."""
     with torch.no_grad():
-        agree = logits_1.argmax(dim=1) == logits_2.argmax(dim=1)
+        agree = predictions_1 == predictions_2
         if ignore_mask is None:
             return agree.sum(), torch.tensor(agree.numel(), device=agree.device)
         if ignore_mask.shape != agree.shape:
@@ -154,6 +167,6 @@ def prediction_agreement(
     `ignore_mask` (B, H, W, True = leave out) restricts the count, e.g. to the object region as
     in Figure 7, which ignores background pixels. NaN when no pixel is counted.
     """
-    agree, counted = agreement_counts(logits_1, logits_2, ignore_mask)
+    agree, counted = agreement_counts(pseudo_labels(logits_1), pseudo_labels(logits_2), ignore_mask)
     counted = int(counted)
     return float(agree) / counted if counted else float("nan")

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .cutmix import box_mask, mix
-from .losses import agreement_counts, cps_loss, cross_entropy, pseudo_labels
+from .losses import agreement_counts, cross_supervision, pseudo_labels
 
 METHOD_NAMES = ("supervised", "cps", "cps_cutmix")
 
@@ -63,8 +63,8 @@ class _StepLogs:
         else:
             self._floats[name] = float(value)
 
-    def add_agreement(self, name: str, logits_1, logits_2, ignore_mask=None) -> None:
-        agree, counted = agreement_counts(logits_1, logits_2, ignore_mask)
+    def add_agreement(self, name: str, predictions_1, predictions_2, ignore_mask=None) -> None:
+        agree, counted = agreement_counts(predictions_1, predictions_2, ignore_mask)
         self.add(name, agree.float() / counted.float())  # NaN when no pixel is counted
 
     def to_floats(self) -> dict[str, float]:
@@ -169,15 +169,12 @@ class Method:
         logs.add("loss_sup", total)
         return total
 
-    def _log_agreement(self, name: str, logits_1, logits_2, logs: _StepLogs) -> None:
-        logs.add_agreement(name, logits_1, logits_2)
+    def _log_agreement(self, name: str, predictions_1, predictions_2, logs: _StepLogs) -> None:
+        """Figure 7's overlap ratio; `_fg` leaves out pixels both networks call background."""
+        logs.add_agreement(name, predictions_1, predictions_2)
         if self.background_index is not None:
-            # Figure 7 counts the object region only: leave out pixels both networks call background.
-            with torch.no_grad():
-                background = (logits_1.argmax(1) == self.background_index) & (
-                    logits_2.argmax(1) == self.background_index
-                )
-            logs.add_agreement(f"{name}_fg", logits_1, logits_2, background)
+            background = (predictions_1 == self.background_index) & (predictions_2 == self.background_index)
+            logs.add_agreement(f"{name}_fg", predictions_1, predictions_2, background)
 
 
 def _logits(model, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -246,19 +243,23 @@ class CPSMethod(Method):
                 logits_u.append(_logits(model, unlabeled["pixel_values"]))
 
         loss = self._supervised_losses(logits_l, labeled["labels"], logs)
-        self._log_agreement("agreement_l", *logits_l, logs)
+        # One argmax per logits tensor, shared by the CPS loss and the agreement logs.
+        predictions_l = [pseudo_labels(logits) for logits in logits_l]
+        self._log_agreement("agreement_l", *predictions_l, logs)
         if weight > 0:
-            loss_cps_u = cps_loss(*logits_u, ignore_index=self.ignore_index)
+            predictions_u = [pseudo_labels(logits) for logits in logits_u]
+            # == cps_loss(*logits_u), equation 5 on the unlabelled batch
+            loss_cps_u = cross_supervision(*logits_u, *predictions_u, self.ignore_index)
             logs.add("loss_cps_u", loss_cps_u)
             if self.cps_on_labeled:
-                loss_cps_l = cps_loss(*logits_l, ignore_index=self.ignore_index)
+                loss_cps_l = cross_supervision(*logits_l, *predictions_l, self.ignore_index)
                 logs.add("loss_cps_l", loss_cps_l)
                 n_l, n_u = logits_l[0][:, 0].numel(), logits_u[0][:, 0].numel()
                 loss_cps = (n_l * loss_cps_l + n_u * loss_cps_u) / (n_l + n_u)
             else:
                 loss_cps = loss_cps_u
             logs.add("loss_cps", loss_cps)
-            self._log_agreement("agreement_u", *logits_u, logs)
+            self._log_agreement("agreement_u", *predictions_u, logs)
             loss = loss + weight * loss_cps
         logs.add("loss", loss)
         return MethodOutput(loss, logs.to_floats())
@@ -309,16 +310,14 @@ class CPSCutMixMethod(Method):
                     targets.append(pseudo_labels(mixed_logits))
             mixed_images = mix(u0, u1, mask.to(u0.dtype))
             student_logits = [_logits(model, mixed_images) for model in models]
-            loss_cps = cross_entropy(student_logits[0], targets[1], self.ignore_index) + cross_entropy(
-                student_logits[1], targets[0], self.ignore_index
-            )
+            loss_cps = cross_supervision(*student_logits, *targets, self.ignore_index)
             logs.add("loss_cps", loss_cps)
             logs.add("loss_cps_u", loss_cps)
-            self._log_agreement("agreement_u", *student_logits, logs)
+            self._log_agreement("agreement_u", *(pseudo_labels(logits) for logits in student_logits), logs)
 
         logits_l = [_logits(model, labeled["pixel_values"]) for model in models]
         loss = self._supervised_losses(logits_l, labeled["labels"], logs)
-        self._log_agreement("agreement_l", *logits_l, logs)
+        self._log_agreement("agreement_l", *(pseudo_labels(logits) for logits in logits_l), logs)
         if loss_cps is not None:
             loss = loss + weight * loss_cps
         logs.add("loss", loss)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from cps_hf.cutmix import box_mask, mix
-from cps_hf.losses import OhemCrossEntropy, cps_loss, cross_entropy, prediction_agreement
+from cps_hf.losses import OhemCrossEntropy, cps_loss, cross_entropy, prediction_agreement, pseudo_labels
 
 
 def _equation_5(logits_1, logits_2):
@@ -41,6 +41,12 @@ def test_cps_loss_gradient_does_not_flow_into_pseudo_labels():
         onehot = F.one_hot(teacher.detach().argmax(1), 4).permute(0, 3, 1, 2).float()
         expected = (torch.softmax(student.detach(), 1) - onehot) / n
         assert torch.allclose(grad, expected, atol=1e-6)
+
+
+def test_pseudo_labels_equal_argmax_including_ties():
+    logits = torch.randint(0, 3, (2, 6, 5, 5)).float()  # many ties
+    assert torch.equal(pseudo_labels(logits), logits.argmax(1))
+    assert not pseudo_labels(logits.requires_grad_()).requires_grad
 
 
 def test_cps_loss_rejects_mismatched_shapes():
