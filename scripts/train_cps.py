@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
         for _ in range(args.gradient_accumulation_steps):
             batch = _to_device(next(streams), accelerator.device)
             with accelerator.accumulate(*networks):
+                step_lr = optimizer.param_groups[0]["lr"]  # the LR this update uses (logged below)
                 output = method(networks, batch, progress.step, rank=accelerator.process_index)
                 accelerator.backward(output.loss)
                 optimizer.step()
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
             record = {
                 "step": progress.step,
                 "epoch": progress.step / max(steps_per_epoch, 1),
-                "lr": scheduler.get_last_lr()[0],
+                "lr": step_lr,
                 "images_per_second": window_images / max(elapsed, 1e-9),
                 **output.logs,
             }

@@ -1,0 +1,162 @@
+"""scripts/train_cps.py end to end on a tiny generated VOC tree: CPS, CPS+CutMix, supervised,
+resume, two CPU processes under `accelerate launch`, and the config/flag contract."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from cps_hf.data import make_demo_voc
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "train_cps.py"
+
+
+def _load_train_module():
+    spec = importlib.util.spec_from_file_location("train_cps", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train_cps = _load_train_module()
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    make_demo_voc(root, num_train=40, num_val=6, size=(40, 52), seed=0)
+    return root
+
+
+def tiny_args(demo_root, output_dir, *extra):
+    return [
+        "--dataset", "voc", "--data_root", str(demo_root), "--labeled", "8", "--backbone", "mobilenetv3_small_100",
+        "--pretrained_backbone", "none", "--crop_size", "32", "--scales", "0.75", "1.0",
+        "--per_device_train_batch_size", "2", "--aspp_channels", "16", "--decoder_channels", "16",
+        "--low_level_channels", "8", "--learning_rate", "0.01", "--num_workers", "0", "--report_to", "none",
+        "--logging_steps", "1", "--output_dir", str(output_dir), *extra,
+    ]
+
+
+def _read_log(output_dir):
+    return [json.loads(line) for line in (Path(output_dir) / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method", ["cps", "cps_cutmix"])
+def test_tiny_run_end_to_end(demo_root, tmp_path, method):
+    out = tmp_path / method
+    results = train_cps.main(tiny_args(demo_root, out, "--method", method, "--max_train_steps", "3",
+                                       "--eval_steps", "2"))
+    # Outputs: pipeline-ready model, evaluate-style results, the config used, the step log.
+    assert sorted(p.name for p in (out / "model").iterdir()) == [
+        "README.md", "config.json", "model.safetensors", "preprocessor_config.json"]
+    saved = json.loads((out / "all_results.json").read_text())
+    for key in ("eval_mean_iou", "eval_mean_accuracy", "eval_overall_accuracy", "eval_per_category_iou"):
+        assert key in saved
+    assert saved["final_step"] == 3 and results["final_step"] == 3
+    assert 0.0 <= saved["eval_mean_iou"] <= 1.0
+    assert len(saved["eval_per_category_iou"]) == 6  # demo classes.json: background + 5 shapes
+    used = yaml.safe_load((out / "training_config.yaml").read_text())
+    assert used["method"] == method and used["max_train_steps"] == 3
+
+    records = _read_log(out)
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for record in steps:  # each loss term separately, the LR, throughput and the two networks' agreement
+        for key in ("loss", "loss_sup", "loss_sup_1", "loss_sup_2", "loss_cps", "loss_cps_u", "lr",
+                    "images_per_second", "agreement_u"):
+            assert key in record, key
+        expected = record["loss_sup"] + record["cps_weight"] * record["loss_cps"]
+        assert record["loss"] == pytest.approx(expected, rel=1e-5)
+    assert steps[0]["lr"] > steps[1]["lr"] > steps[2]["lr"] > 0  # poly decay per iteration
+    evals = [r for r in records if "eval_mean_iou" in r]
+    assert [r["step"] for r in evals] == [2, 3]
+
+    # The exported branch is what the pipeline serves, with the dataset's class names.
+    from transformers import pipeline
+    from PIL import Image
+
+    segmenter = pipeline("image-segmentation", model=str(out / "model"), subtask="semantic")
+    image = Image.new("RGB", (45, 33), (120, 30, 200))
+    masks = segmenter(image)
+    assert masks and all(m["mask"].size == image.size for m in masks)
+    assert {m["label"] for m in masks} <= {"background", "disc", "square", "triangle", "ring", "striped"}
+
+
+def test_supervised_baseline_trains_one_network(demo_root, tmp_path):
+    out = tmp_path / "sup"
+    train_cps.main(tiny_args(demo_root, out, "--method", "supervised", "--max_train_steps", "2",
+                             "--checkpointing_steps", "2"))
+    step_dir = out / "step_2"
+    assert (step_dir / "model.safetensors").exists() and not (step_dir / "model_1.safetensors").exists()
+    record = _read_log(out)[0]
+    assert "loss_cps" not in record and record["loss"] == pytest.approx(record["loss_sup"])
+
+
+def test_resume_mid_run_matches_an_uninterrupted_run(demo_root, tmp_path):
+    """Stop at step 2 and resume: same weights at step 4 as a run that never stopped
+    (models, optimizer, scheduler, RNG and the data streams all come back)."""
+    common = ("--method", "cps_cutmix", "--max_train_steps", "4", "--checkpointing_steps", "2")
+    straight = train_cps.main(tiny_args(demo_root, tmp_path / "straight", *common))
+
+    interrupted = tmp_path / "interrupted"
+    train_cps.main(tiny_args(demo_root, interrupted, *common[:-2], "--checkpointing_steps", "2"))
+    # Simulate a crash after step 2: drop what came later, then resume from the latest checkpoint.
+    import shutil
+
+    shutil.rmtree(interrupted / "step_4")
+    shutil.rmtree(interrupted / "model")
+    resumed = train_cps.main(tiny_args(demo_root, interrupted, *common, "--resume_from_checkpoint", "latest"))
+    assert resumed["final_step"] == 4
+    assert resumed["parameter_fingerprint"] == straight["parameter_fingerprint"]
+    steps = [r["step"] for r in _read_log(interrupted) if "loss" in r]
+    assert steps == [1, 2, 3, 4]  # the log tells one story, without the lost steps twice
+    a = load_file(tmp_path / "straight" / "model" / "model.safetensors")
+    b = load_file(interrupted / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_cpu_processes_stay_in_sync(demo_root, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on CPU (gloo): both ranks end with identical
+    weights (the script checks parameter fingerprints across ranks), and the step count is right."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT),
+               *tiny_args(demo_root, out, "--method", "cps", "--max_train_steps", "3")]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["num_processes"] == 2 and results["final_step"] == 3
+    assert [r["step"] for r in _read_log(out) if "loss" in r] == [1, 2, 3]
+
+
+def test_unknown_flags_and_fields_are_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train_cps.main(["--no_such_flag", "1"])
+    assert "unknown argument(s): --no_such_flag" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("dataset: voc\nlearning_rat: 0.1\n")
+    with pytest.raises(ValueError, match="learning_rat"):
+        train_cps.main(["--config", str(bad)])
+
+
+def test_every_preset_parses_and_is_generated(tmp_path):
+    from cps_hf.training_args import parse_args
+
+    presets = sorted((ROOT / "configs").glob("*.yaml"))
+    assert len(presets) >= 45
+    for preset in presets:
+        args = parse_args(["--config", str(preset)])
+        assert args.preset_note, preset.name
+    check = subprocess.run([sys.executable, str(ROOT / "configs" / "generate_presets.py"), "--check"],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout
