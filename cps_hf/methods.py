@@ -87,8 +87,8 @@ class Method:
         ignore_index: label value of unlabelled pixels.
         background_index: class left out of ``agreement_*_fg`` (Figure 7 ignores background);
             None to skip that log (e.g. Cityscapes, which has no background class).
-        generator_seed: seed of the CutMix masks; the mask of a step depends on (seed, step, rank)
-            only, so a resumed run draws the same masks.
+        generator_seed: seed of the CutMix masks; the masks of a call depend on (seed, step, rank,
+            micro_step) only, so a resumed run draws the same masks.
     """
 
     name: str = "base"
@@ -126,16 +126,25 @@ class Method:
             return 0.0
         return self.cps_weight * sigmoid_rampup(step - self.supervised_warmup_steps, self.cps_weight_rampup_steps)
 
-    def generator(self, step: int, rank: int = 0) -> torch.Generator:
-        """A CPU generator seeded from (generator_seed, step, rank) alone."""
-        seed = np.random.SeedSequence([self.generator_seed, int(step), int(rank)]).generate_state(1)[0]
+    def generator(self, step: int, rank: int = 0, micro_step: int = 0) -> torch.Generator:
+        """A CPU generator seeded from (generator_seed, step, rank, micro_step) alone."""
+        key = [self.generator_seed, int(step), int(rank), int(micro_step)]
+        seed = np.random.SeedSequence(key).generate_state(1)[0]
         return torch.Generator().manual_seed(int(seed))
 
-    def __call__(self, models: Sequence[Callable], batch: dict, step: int, rank: int = 0) -> MethodOutput:
-        self._check_inputs(models, batch)
-        return self.compute(models, batch, step, rank)
+    def __call__(
+        self, models: Sequence[Callable], batch: dict, step: int, rank: int = 0, micro_step: int = 0
+    ) -> MethodOutput:
+        """One step's loss and logs.
 
-    def compute(self, models, batch, step: int, rank: int) -> MethodOutput:
+        `step` is the optimizer step (it drives the lambda schedule); `rank` the process index and
+        `micro_step` the index of the micro-batch within a gradient-accumulation step, so every
+        call of a run draws its own CutMix masks.
+        """
+        self._check_inputs(models, batch)
+        return self.compute(models, batch, step, self.generator(step, rank, micro_step))
+
+    def compute(self, models, batch, step: int, generator: torch.Generator) -> MethodOutput:
         raise NotImplementedError
 
     # -- helpers shared by the methods -------------------------------------------------------
@@ -188,7 +197,7 @@ class SupervisedMethod(Method):
     num_models = 1
     num_unlabeled_streams = 0
 
-    def compute(self, models, batch, step, rank):
+    def compute(self, models, batch, step, generator):
         logs = _StepLogs()
         labeled = batch["labeled"]
         logits = _logits(models[0], labeled["pixel_values"])
@@ -230,7 +239,7 @@ class CPSMethod(Method):
         super().__init__(sup_criterion, **kwargs)
         self.cps_on_labeled = bool(cps_on_labeled)
 
-    def compute(self, models, batch, step, rank):
+    def compute(self, models, batch, step, generator):
         logs = _StepLogs()
         labeled, unlabeled = batch["labeled"], batch["unlabeled"][0]
         weight = self.cps_weight_at(step)
@@ -268,7 +277,7 @@ class CPSMethod(Method):
 class CPSCutMixMethod(Method):
     """CPS with box-mask CutMix on the unlabelled images, as in the original code.
 
-    Per step, with one mask M per sample (drawn from `generator(step, rank)`):
+    Per step, with one mask M per sample (drawn from `generator(step, rank, micro_step)`):
 
     1. pseudo labels, under no_grad and in train mode (as the original, so BN running statistics
        see u0 and u1): each network k runs on u0 and u1, its logits are mixed with M, and
@@ -286,7 +295,7 @@ class CPSCutMixMethod(Method):
     num_models = 2
     num_unlabeled_streams = 2
 
-    def compute(self, models, batch, step, rank):
+    def compute(self, models, batch, step, generator):
         logs = _StepLogs()
         labeled = batch["labeled"]
         u0 = batch["unlabeled"][0]["pixel_values"]
@@ -302,7 +311,7 @@ class CPSCutMixMethod(Method):
         loss_cps = None
         if weight > 0:
             batch_size, _, height, width = u0.shape
-            mask = box_mask(batch_size, height, width, generator=self.generator(step, rank), device=u0.device)
+            mask = box_mask(batch_size, height, width, generator=generator, device=u0.device)
             with torch.no_grad():
                 targets = []
                 for model in models:

@@ -149,10 +149,10 @@ def test_cps_cutmix_pseudo_labels_are_argmax_of_mixed_teacher_logits():
     models = _models()
     batch = _batch(2, labeled=2, unlabeled=3)
     method = build_method("cps_cutmix", cross_entropy, cps_weight=1.0, generator_seed=9)
-    out = method(models, batch, step=4, rank=1)
+    out = method(models, batch, step=4, rank=1, micro_step=2)
 
     u0, u1 = batch["unlabeled"][0]["pixel_values"], batch["unlabeled"][1]["pixel_values"]
-    mask = box_mask(3, 12, 12, generator=method.generator(4, rank=1))
+    mask = box_mask(3, 12, 12, generator=method.generator(4, rank=1, micro_step=2))
     assert 0 < mask.mean() < 1
     mixed = u0 * (1 - mask) + u1 * mask
     with torch.no_grad():
@@ -176,10 +176,12 @@ def test_cps_cutmix_pseudo_labels_are_argmax_of_mixed_teacher_logits():
 
 def test_cutmix_masks_depend_on_seed_step_and_rank_only():
     method = build_method("cps_cutmix", cross_entropy, cps_weight=1.0, generator_seed=3)
-    draw = lambda step, rank: box_mask(4, 16, 16, generator=method.generator(step, rank))  # noqa: E731
-    assert torch.equal(draw(10, 0), draw(10, 0))
-    assert not torch.equal(draw(10, 0), draw(10, 1))
-    assert not torch.equal(draw(10, 0), draw(11, 0))
+    draw = lambda *key: box_mask(4, 16, 16, generator=method.generator(*key))  # noqa: E731
+    assert torch.equal(draw(10, 0, 0), draw(10, 0, 0))
+    for other in [(10, 1, 0), (11, 0, 0), (10, 0, 1)]:  # another rank, step, or accumulation micro-step
+        assert not torch.equal(draw(10, 0, 0), draw(*other))
+    seeded_elsewhere = build_method("cps_cutmix", cross_entropy, cps_weight=1.0, generator_seed=4)
+    assert not torch.equal(draw(10, 0, 0), box_mask(4, 16, 16, generator=seeded_elsewhere.generator(10, 0, 0)))
 
 
 def test_bad_inputs_are_named():
@@ -218,3 +220,19 @@ def test_cps_cutmix_step_on_the_real_model():
     out.loss.backward()
     assert torch.isfinite(out.loss)
     assert all(p.grad is not None for m in models for p in m.parameters())
+
+
+def test_step_efficiency_benchmark_reports_a_ratio_per_method(capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "step_efficiency.py"
+    spec = importlib.util.spec_from_file_location("step_efficiency", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    benchmark.main(["--crop", "32", "--batch", "2", "--repeats", "1", "--warmup", "0", "--num_labels", "3"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    ratios = summary["step_over_passes"]
+    assert set(ratios) == {"cps", "cps_cutmix", "max"}
+    assert ratios["max"] == max(ratios["cps"], ratios["cps_cutmix"]) > 0
