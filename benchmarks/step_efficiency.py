@@ -13,7 +13,7 @@ step_over_passes is the median over repeats of step / (sum of that repeat's pass
 also gives the ratio of the medians and of the minima. Everything the step adds to the networks'
 own work (losses, argmax, mixing, optimizer, logging) is overhead; the goal is <= 1.10.
 
-    python benchmarks/step_efficiency.py --quick     # < 1 min on 2 CPU cores
+    python benchmarks/step_efficiency.py --quick     # < 1 min on 2 CPU cores (1 torch thread)
     python benchmarks/step_efficiency.py --crop 512 --batch 8 --device cuda
 
 The last line of output is one JSON object with `step_over_passes` per method and their max.
@@ -48,7 +48,15 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 9, quick 5)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed repeats first (default 2, quick 1)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: 1 with --quick, which is steadier on a shared machine; "
+        "torch's own default otherwise)",
+    )
     args = parser.parse_args(argv)
+    args.threads = args.threads or (1 if args.quick else None)
     args.crop = args.crop or (128 if args.quick else 192)
     args.batch = args.batch or 2
     args.repeats = args.repeats or (5 if args.quick else 9)
@@ -74,9 +82,13 @@ def prepared_batch(args, num_unlabeled_streams: int) -> dict:
     return {
         "labeled": {
             "pixel_values": torch.randn(shape, generator=g).to(args.device),
-            "labels": torch.randint(0, args.num_labels, (args.batch, args.crop, args.crop), generator=g).to(args.device),
+            "labels": torch.randint(0, args.num_labels, (args.batch, args.crop, args.crop), generator=g).to(
+                args.device
+            ),
         },
-        "unlabeled": [{"pixel_values": torch.randn(shape, generator=g).to(args.device)} for _ in range(num_unlabeled_streams)],
+        "unlabeled": [
+            {"pixel_values": torch.randn(shape, generator=g).to(args.device)} for _ in range(num_unlabeled_streams)
+        ],
     }
 
 
@@ -193,6 +205,8 @@ def measure(method_name: str, args) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     results = {}
     for name in args.methods:
         results[name] = measure(name, args)

@@ -171,10 +171,10 @@ class Method:
     def _supervised_losses(self, logits_per_model, labels, logs: _StepLogs) -> torch.Tensor:
         """L_s of equation 4: the sum over networks of each one's supervision loss."""
         losses = [self.sup_criterion(logits, labels) for logits in logits_per_model]
-        for k, loss in enumerate(losses, start=1):
-            if len(losses) > 1:
+        if len(losses) > 1:
+            for k, loss in enumerate(losses, start=1):
                 logs.add(f"loss_sup_{k}", loss)
-        total = losses[0] if len(losses) == 1 else sum(losses[1:], losses[0])
+        total = sum(losses[1:], losses[0])
         logs.add("loss_sup", total)
         return total
 

@@ -20,7 +20,9 @@ class TinySegmenter(nn.Module):
     def __init__(self, seed):
         super().__init__()
         torch.manual_seed(seed)
-        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, NUM_CLASSES, 1))
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, NUM_CLASSES, 1)
+        )
         self.calls = []
 
     def forward(self, pixel_values):
@@ -54,7 +56,8 @@ def test_supervised_step_is_ce_on_the_labeled_batch():
     method = build_method("supervised", cross_entropy, cps_weight=1.5)
     out = method([model], batch, step=0)
     assert isinstance(out, MethodOutput)
-    expected = F.cross_entropy(_logits(model, batch["labeled"]["pixel_values"]), batch["labeled"]["labels"], ignore_index=255)
+    logits = _logits(model, batch["labeled"]["pixel_values"])
+    expected = F.cross_entropy(logits, batch["labeled"]["labels"], ignore_index=255)
     assert torch.allclose(out.loss, expected)
     assert out.logs == pytest.approx({"loss": expected.item(), "loss_sup": expected.item()})
 
@@ -70,7 +73,9 @@ def test_cps_loss_equals_the_originals_concatenated_composition(labeled, unlabel
     # The original: concatenate labelled and unlabelled logits, CE on the other network's argmax.
     pred_1 = torch.cat([_logits(models[0], x_l), _logits(models[0], x_u)])
     pred_2 = torch.cat([_logits(models[1], x_l), _logits(models[1], x_u)])
-    cps = F.cross_entropy(pred_1, pred_2.argmax(1), ignore_index=255) + F.cross_entropy(pred_2, pred_1.argmax(1), ignore_index=255)
+    cps = F.cross_entropy(pred_1, pred_2.argmax(1), ignore_index=255) + F.cross_entropy(
+        pred_2, pred_1.argmax(1), ignore_index=255
+    )
     sup_1 = F.cross_entropy(pred_1[:labeled], y, ignore_index=255)
     sup_2 = F.cross_entropy(pred_2[:labeled], y, ignore_index=255)
     assert torch.allclose(out.loss, sup_1 + sup_2 + 1.5 * cps, atol=1e-6)

@@ -21,7 +21,8 @@ def _net():
 def test_param_groups_cover_every_parameter_once_without_decay_on_norm_and_bias():
     models = [_net(), _net()]
     optimizer = build_optimizer(models, lr=0.01, weight_decay=4e-4)
-    assert [g["name"] for g in optimizer.param_groups] == ["model0_decay", "model0_no_decay", "model1_decay", "model1_no_decay"]
+    names = [g["name"] for g in optimizer.param_groups]
+    assert names == ["model0_decay", "model0_no_decay", "model1_decay", "model1_no_decay"]
 
     grouped = [id(p) for g in optimizer.param_groups for p in g["params"]]
     every = [id(p) for m in models for p in m.parameters()]
