@@ -177,11 +177,11 @@ def main(argv: list[str] | None = None) -> dict:
     images_per_step = args.per_device_train_batch_size * (1 + method.num_unlabeled_streams) * accelerator.num_processes
     latest_eval: dict = {}
     while progress.step < max_train_steps:
-        for _ in range(args.gradient_accumulation_steps):
+        for micro_step in range(args.gradient_accumulation_steps):
             batch = _to_device(next(streams), accelerator.device)
             with accelerator.accumulate(*networks):
                 step_lr = optimizer.param_groups[0]["lr"]  # the LR this update uses (logged below)
-                output = method(networks, batch, progress.step, rank=accelerator.process_index)
+                output = method(networks, batch, progress.step, rank=accelerator.process_index, micro_step=micro_step)
                 accelerator.backward(output.loss)
                 optimizer.step()
                 scheduler.step()
