@@ -34,7 +34,7 @@ def test_check_dataset_reports_all_problems(tmp_path, capsys):
     voc = make_demo_voc(tmp_path, num_train=6, num_val=3, size=32, seed=0)
     check = _script("check_dataset")
     assert check.main(["--dataset", "voc", "--root", str(tmp_path), "--splits", "val"]) == 0
-    assert "striped" in capsys.readouterr().out  # per-class pixel table
+    assert "green" in capsys.readouterr().out  # per-class pixel table
     Image.fromarray(np.full((32, 32), 9, np.uint8)).save(voc / "SegmentationClass" / "demo_000006.png")
     data = (voc / "JPEGImages" / "demo_000007.jpg").read_bytes()
     (voc / "JPEGImages" / "demo_000007.jpg").write_bytes(data[:100])

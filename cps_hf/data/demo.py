@@ -1,10 +1,11 @@
-"""Synthetic VOC-layout demo data that a small network can learn at 64-96 px.
+"""Synthetic VOC-layout demo data that a small network learns in minutes on a CPU.
 
-Each scene is a textured background with several objects from 5 families (disc, square,
-triangle, ring, striped ellipse); an object's class is its shape/texture family, never its
-colour, which is random. Sizes, positions, rotations and overlaps vary, so a handful of labeled
-images underfits the variation while many unlabeled scenes of the same distribution carry real
-information: the setting semi-supervised learning is for.
+Each scene is a low-saturation, textured background with one to three blobs. A blob's class is
+its hue family (reds, greens, blues: each a 60-degree band of hue); its outline, size,
+brightness, saturation and texture are random, and the background carries the same textures in
+grey-ish colours. The hue cue is quick to learn, but a handful of labeled images covers only
+part of each band and of the nuisance factors, so many unlabeled scenes of the same
+distribution carry real information: the setting semi-supervised learning is for.
 """
 
 from __future__ import annotations
@@ -18,73 +19,94 @@ from PIL import Image
 
 from .classes import IGNORE_INDEX, voc_palette
 
-DEMO_CLASSES = ["background", "disc", "square", "triangle", "ring", "striped"]
+DEMO_CLASSES = ["background", "red", "green", "blue"]
+_HUE_CENTRES = {1: 0.0, 2: 120.0, 3: 240.0}  # degrees; each class spans +-30 degrees
+_HUE_HALF_WIDTH = 30.0
+
+
+def _hsv_to_rgb(hue: np.ndarray, saturation: np.ndarray, value: np.ndarray) -> np.ndarray:
+    """HSV (hue in degrees, s and v in [0, 1]) -> RGB float in [0, 255], elementwise."""
+    h = (hue % 360.0) / 60.0
+    c = value * saturation
+    x = c * (1 - np.abs(h % 2 - 1))
+    zeros = np.zeros_like(c)
+    sector = np.floor(h).astype(int) % 6
+    table = [(c, x, zeros), (x, c, zeros), (zeros, c, x), (zeros, x, c), (x, zeros, c), (c, zeros, x)]
+    rgb = np.zeros(h.shape + (3,), dtype=np.float32)
+    for index, (r, g, b) in enumerate(table):
+        where = sector == index
+        rgb[where] = np.stack([r[where], g[where], b[where]], -1)
+    return (rgb + (value - c)[..., None]) * 255.0
+
+
+def _pattern(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """A random texture in [0, 1]: stripes, checks, dots or nothing, at a random scale and angle."""
+    yy, xx = np.mgrid[:height, :width].astype(np.float32)
+    theta = rng.uniform(0, np.pi)
+    u = xx * np.cos(theta) + yy * np.sin(theta)
+    v = -xx * np.sin(theta) + yy * np.cos(theta)
+    period = rng.uniform(4.0, 12.0)
+    kind = int(rng.integers(0, 4))
+    if kind == 0:
+        return ((u / period) % 1.0 < 0.5).astype(np.float32)
+    if kind == 1:
+        return (((np.floor(u / period) + np.floor(v / period)) % 2) == 0).astype(np.float32)
+    if kind == 2:
+        du, dv = (u / period) % 1.0 - 0.5, (v / period) % 1.0 - 0.5
+        return (du * du + dv * dv < 0.08).astype(np.float32)
+    return np.zeros((height, width), dtype=np.float32)
 
 
 def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """Smooth colour gradient + noise + distractor strokes (all background class)."""
-    corners = rng.uniform(0, 255, size=(2, 2, 3)).astype(np.float32)
-    image = cv2.resize(corners, (width, height), interpolation=cv2.INTER_LINEAR)
-    image += rng.normal(0, rng.uniform(4, 18), size=image.shape).astype(np.float32)
-    for _ in range(int(rng.integers(0, 4))):
-        p1 = tuple(int(v) for v in rng.integers(0, [width, height]))
-        p2 = tuple(int(v) for v in rng.integers(0, [width, height]))
-        cv2.line(image, p1, p2, tuple(float(c) for c in rng.uniform(0, 255, 3)), int(rng.integers(1, 3)))
+    """Grey-ish gradient with a grey-ish texture: the same textures as objects, but no strong hue."""
+    corners = rng.uniform(40, 220, size=(2, 2, 1)).astype(np.float32)
+    tint = rng.uniform(-25, 25, size=(1, 1, 3)).astype(np.float32)
+    image = cv2.resize(corners, (width, height), interpolation=cv2.INTER_LINEAR)[..., None] + tint
+    image = image + _pattern(rng, height, width)[..., None] * rng.uniform(-50, 50)
     return image
 
 
-def _shape_mask(rng: np.random.Generator, family: int, height: int, width: int) -> np.ndarray:
+def _blob_mask(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """A random ellipse or polygon, so the outline says nothing about the class."""
     mask = np.zeros((height, width), dtype=np.uint8)
     short = min(height, width)
-    radius = int(rng.uniform(0.08, 0.22) * short) + 3
+    radius = rng.uniform(0.12, 0.3) * short
     cx, cy = int(rng.integers(0, width)), int(rng.integers(0, height))
-    angle = rng.uniform(0, 2 * np.pi)
-    if family == 1:  # disc
-        cv2.circle(mask, (cx, cy), radius, 1, -1)
-    elif family == 2:  # square, rotated
-        corners = [(cx + radius * np.cos(angle + k * np.pi / 2), cy + radius * np.sin(angle + k * np.pi / 2)) for k in range(4)]
-        cv2.fillPoly(mask, [np.round(corners).astype(np.int32)], 1)
-    elif family == 3:  # triangle, rotated and slightly irregular
-        corners = [
-            (cx + radius * rng.uniform(0.8, 1.3) * np.cos(angle + k * 2 * np.pi / 3),
-             cy + radius * rng.uniform(0.8, 1.3) * np.sin(angle + k * 2 * np.pi / 3))
-            for k in range(3)
-        ]
-        cv2.fillPoly(mask, [np.round(corners).astype(np.int32)], 1)
-    elif family == 4:  # ring
-        cv2.circle(mask, (cx, cy), radius + 2, 1, max(2, radius // 2))
-    else:  # striped ellipse
-        axes = (radius + 2, max(3, int(radius * rng.uniform(0.5, 0.9))))
-        cv2.ellipse(mask, (cx, cy), axes, float(np.degrees(angle)), 0, 360, 1, -1)
+    if rng.random() < 0.5:
+        axes = (int(radius), int(radius * rng.uniform(0.5, 1.0)))
+        cv2.ellipse(mask, (cx, cy), axes, float(rng.uniform(0, 180)), 0, 360, 1, -1)
+    else:
+        count = int(rng.integers(4, 8))
+        angles = np.sort(rng.uniform(0, 2 * np.pi, count))
+        radii = radius * rng.uniform(0.6, 1.1, count)
+        points = np.stack([cx + radii * np.cos(angles), cy + radii * np.sin(angles)], 1)
+        cv2.fillPoly(mask, [np.round(points).astype(np.int32)], 1)
     return mask.astype(bool)
 
 
-def _paint(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray, family: int) -> None:
-    colour = rng.uniform(0, 255, 3).astype(np.float32)
-    if family == 5:
-        other = rng.uniform(0, 255, 3).astype(np.float32)
-        period = int(rng.integers(3, 6))
-        yy, xx = np.mgrid[: image.shape[0], : image.shape[1]]
-        direction = rng.choice([xx, yy, xx + yy])
-        stripes = ((direction // period) % 2).astype(bool)
-        image[mask & stripes] = colour
-        image[mask & ~stripes] = other
-    else:
-        shade = rng.normal(0, 6, size=(int(mask.sum()), 3)).astype(np.float32)
-        image[mask] = colour + shade
+def _paint_blob(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray, family: int) -> None:
+    height, width = mask.shape
+    hue = _HUE_CENTRES[family] + rng.uniform(-_HUE_HALF_WIDTH, _HUE_HALF_WIDTH)
+    saturation = rng.uniform(0.45, 1.0)
+    value = rng.uniform(0.45, 1.0)
+    texture = _pattern(rng, height, width) * rng.uniform(-0.3, 0.3)
+    v_map = np.clip(value + texture, 0.15, 1.0)
+    rgb = _hsv_to_rgb(np.full((height, width), hue), np.full((height, width), saturation), v_map)
+    image[mask] = rgb[mask]
 
 
 def make_scene(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """One (RGB uint8 image, class-index label) pair; later objects occlude earlier ones."""
+    """One (RGB uint8 image, class-index label) pair; later blobs occlude earlier ones."""
     image = _background(rng, height, width)
     label = np.zeros((height, width), dtype=np.uint8)
-    for _ in range(int(rng.integers(1, 5))):
+    for _ in range(int(rng.integers(1, 4))):
         family = int(rng.integers(1, len(DEMO_CLASSES)))
-        mask = _shape_mask(rng, family, height, width)
-        if mask.sum() < 6:
+        mask = _blob_mask(rng, height, width)
+        if mask.sum() < 20:
             continue
-        _paint(rng, image, mask, family)
+        _paint_blob(rng, image, mask, family)
         label[mask] = family
+    image += rng.normal(0, 4, size=image.shape).astype(np.float32)
     return np.clip(image, 0, 255).astype(np.uint8), label
 
 
