@@ -107,6 +107,16 @@ def prune_checkpoints(output_dir: str | Path, keep: int | None) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def eval_scalars(results: dict, class_names: list[str]) -> dict[str, float]:
+    """Scalar view of evaluation results for trackers and log.jsonl: the summary numbers plus
+    one `eval_iou/<class>` per class (NaN, i.e. absent from both prediction and truth, skipped)."""
+    scalars = {k: float(v) for k, v in results.items() if isinstance(v, (int, float))}
+    for name, iou in zip(class_names, results.get("eval_per_category_iou", [])):
+        if iou == iou:
+            scalars[f"eval_iou/{name}"] = float(iou)
+    return scalars
+
+
 class TrainProgress:
     """The step counter and best score, saved with every accelerate checkpoint."""
 

@@ -38,6 +38,7 @@ from cps_hf.training import (  # noqa: E402
     TrainProgress,
     build_networks,
     checkpoint_step,
+    eval_scalars,
     find_checkpoint,
     maybe_convert_sync_batchnorm,
     model_config_from_args,
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.eval_steps and progress.step % args.eval_steps == 0 and progress.step < max_train_steps:
             latest_eval = run_evaluation()
             progress.update_best(latest_eval["eval_mean_iou"], progress.step)
-            scalars = {k: v for k, v in latest_eval.items() if isinstance(v, (int, float))}
+            scalars = eval_scalars(latest_eval, bundle.class_names)
             accelerator.log(scalars, step=progress.step)
             log.write({"step": progress.step, **scalars})
             accelerator.print(f"step {progress.step}: eval_mean_iou {latest_eval['eval_mean_iou']:.4f}")
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
         "num_processes": accelerator.num_processes,
         "parameter_fingerprint": fingerprints[0],
     }
-    scalars = {k: v for k, v in final.items() if isinstance(v, (int, float))}
+    scalars = eval_scalars(final, bundle.class_names)
     accelerator.log(scalars, step=progress.step)
     log.write({"step": progress.step, **scalars})
     accelerator.print(

@@ -29,6 +29,16 @@ def _load_train_module():
 train_cps = _load_train_module()
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each in-process run builds its own Accelerator (mixed precision differs between tests)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
@@ -79,6 +89,8 @@ def test_tiny_run_end_to_end(demo_root, tmp_path, method):
     assert steps[0]["lr"] > steps[1]["lr"] > steps[2]["lr"] > 0  # poly decay per iteration
     evals = [r for r in records if "eval_mean_iou" in r]
     assert [r["step"] for r in evals] == [2, 3]
+    per_class = {k: v for k, v in evals[-1].items() if k.startswith("eval_iou/")}
+    assert per_class and set(per_class) <= {f"eval_iou/{name}" for name in DEMO_CLASSES}
 
     # The exported branch is what the pipeline serves, with the dataset's class names.
     from transformers import pipeline
@@ -99,6 +111,18 @@ def test_supervised_baseline_trains_one_network(demo_root, tmp_path):
     assert (step_dir / "model.safetensors").exists() and not (step_dir / "model_1.safetensors").exists()
     record = _read_log(out)[0]
     assert "loss_cps" not in record and record["loss"] == pytest.approx(record["loss_sup"])
+
+
+def test_bf16_and_gradient_accumulation(demo_root, tmp_path):
+    """Mixed precision (bf16 autocast works on CPU) with two micro-batches per optimizer step."""
+    out = tmp_path / "bf16"
+    results = train_cps.main(tiny_args(demo_root, out, "--method", "cps_cutmix", "--max_train_steps", "2",
+                                       "--mixed_precision", "bf16", "--gradient_accumulation_steps", "2"))
+    assert results["final_step"] == 2
+    records = [r for r in _read_log(out) if "loss" in r]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    assert records[0]["lr"] > records[1]["lr"]  # the scheduler stepped once per optimizer step, not per micro-batch
 
 
 def test_resume_mid_run_matches_an_uninterrupted_run(demo_root, tmp_path):
