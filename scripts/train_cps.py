@@ -62,6 +62,13 @@ def _trackers(report_to: str) -> list[str] | str | None:
     return report_to
 
 
+def _size(dataset) -> int | str:
+    try:
+        return len(dataset)
+    except TypeError:  # a streamed (iterable) pool
+        return "streamed"
+
+
 def _to_device(batch, device):
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
@@ -86,14 +93,14 @@ def main(argv: list[str] | None = None) -> dict:
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(args.seed)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml_config(args, output_dir / "training_config.yaml")
-    accelerator.wait_for_everyone()
     if args.global_batch_size:
         args.per_device_train_batch_size = per_device_batch_size(
             args.global_batch_size, accelerator.num_processes, args.gradient_accumulation_steps
         )
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml_config(args, output_dir / "training_config.yaml")
+    accelerator.wait_for_everyone()
 
     # ---- data ------------------------------------------------------------------------------
     bundle = build_datasets(
@@ -111,6 +118,8 @@ def main(argv: list[str] | None = None) -> dict:
         supervised_warmup_steps=args.supervised_warmup_steps,
         cps_on_labeled=args.cps_on_labeled if args.method == "cps" else None,
         generator_seed=args.seed,
+        # Figure 7's "foreground" agreement leaves out background; Cityscapes' class 0 is road.
+        background_index=0 if bundle.class_names[0].lower() in ("background", "_background_") else None,
     )
     streams = TrainStreams(
         bundle.labeled, bundle.unlabeled,
@@ -126,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     steps_per_epoch = math.ceil(streams.steps_per_epoch / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     logger.info(
-        f"labeled {len(bundle.labeled)}, unlabeled {len(bundle.unlabeled)}, val {len(val_set)}; "
+        f"labeled {len(bundle.labeled)}, unlabeled {_size(bundle.unlabeled)}, val {len(val_set)}; "
         f"{steps_per_epoch} steps/epoch, {max_train_steps} steps", main_process_only=True,
     )
 
@@ -233,7 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
         "best_step": progress.best_step,
         "method": args.method,
         "num_labeled": len(bundle.labeled),
-        "num_unlabeled": len(bundle.unlabeled),
+        "num_unlabeled": _size(bundle.unlabeled),
         "num_processes": accelerator.num_processes,
         "parameter_fingerprint": fingerprints[0],
     }
