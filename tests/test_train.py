@@ -184,3 +184,27 @@ def test_every_preset_parses_and_is_generated(tmp_path):
     check = subprocess.run([sys.executable, str(ROOT / "configs" / "generate_presets.py"), "--check"],
                            capture_output=True, text=True)
     assert check.returncode == 0, check.stdout
+
+
+def test_compare_methods_runs_each_method_and_seed(demo_root, tmp_path, capsys):
+    """scripts/compare_methods.py (how the README's demo table is made): one run per method and
+    seed, same preset, a summary whose numbers are the runs' own results."""
+    spec = importlib.util.spec_from_file_location("compare_methods", ROOT / "scripts" / "compare_methods.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text(yaml.safe_dump(dict(
+        dataset="voc", data_root=str(demo_root), labeled="8", backbone="mobilenetv3_small_100",
+        pretrained_backbone="none", crop_size=32, scales=[0.75, 1.0], per_device_train_batch_size=2,
+        aspp_channels=16, decoder_channels=16, low_level_channels=8, num_workers=0, max_train_steps=1,
+    )))
+    out = tmp_path / "compare"
+    summary = compare.main(["--config", str(preset), "--methods", "supervised", "cps",
+                            "--seeds", "0", "1", "--output_dir", str(out)])
+    for method in ("supervised", "cps"):
+        finals = summary["methods"][method]["final_mean_iou"]
+        assert len(finals) == 2
+        for seed, value in zip((0, 1), finals):
+            saved = json.loads((out / f"{method}_seed{seed}" / "all_results.json").read_text())
+            assert saved["method"] == method and saved["eval_mean_iou"] == value
+    assert "| supervised |" in capsys.readouterr().out
