@@ -66,6 +66,28 @@ def build_networks(config: CPSConfig, num_models: int, pretrained: str = "none",
     return networks
 
 
+def freeze_unreachable_parameters(network: nn.Module, size: int = 64) -> list[str]:
+    """Freeze parameters that never reach the logits and return their names.
+
+    timm's features_only HRNet, for one, still holds (and runs) branches for levels we do not
+    tap; their parameters never get a gradient, and DDP (find_unused_parameters=False) then
+    fails on the second step. One eval-mode pass on a blank image finds them; frozen parameters
+    are left out of the optimizer and of DDP's gradient reduction.
+    """
+    was_training = network.training
+    network.eval()
+    network.zero_grad(set_to_none=True)
+    device = next(network.parameters()).device
+    network(pixel_values=torch.zeros(1, 3, size, size, device=device)).logits.sum().backward()
+    unreachable = [name for name, p in network.named_parameters() if p.requires_grad and p.grad is None]
+    for name, parameter in network.named_parameters():
+        if name in unreachable:
+            parameter.requires_grad_(False)
+    network.zero_grad(set_to_none=True)
+    network.train(was_training)
+    return unreachable
+
+
 def maybe_convert_sync_batchnorm(networks: list[nn.Module], accelerator) -> list[nn.Module]:
     """SyncBN on multi-GPU runs only (it raises on CPU); timm's converter keeps its fused BN+act layers."""
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
@@ -105,6 +127,22 @@ def prune_checkpoints(output_dir: str | Path, keep: int | None) -> None:
     )
     for _, path in found[:-keep]:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def mean_logs(records: list[dict[str, float]]) -> dict[str, float]:
+    """Average step logs over the micro-batches of one optimizer step (keys all of them share)."""
+    keys = set(records[0]).intersection(*records[1:])
+    return {key: sum(r[key] for r in records) / len(records) for key in sorted(keys)}
+
+
+def reduce_logs(logs: dict[str, float], accelerator) -> dict[str, float]:
+    """Mean of the step logs over all processes, so the logged loss is the whole batch's, not rank 0's."""
+    if accelerator.num_processes == 1 or not logs:
+        return logs
+    keys = sorted(logs)
+    values = torch.tensor([logs[key] for key in keys], dtype=torch.float32, device=accelerator.device)
+    values = accelerator.reduce(values, reduction="mean")
+    return dict(zip(keys, values.tolist()))
 
 
 def eval_scalars(results: dict, class_names: list[str]) -> dict[str, float]:

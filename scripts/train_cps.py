@@ -40,11 +40,14 @@ from cps_hf.training import (  # noqa: E402
     checkpoint_step,
     eval_scalars,
     find_checkpoint,
+    freeze_unreachable_parameters,
     maybe_convert_sync_batchnorm,
+    mean_logs,
     model_config_from_args,
     parameter_fingerprint,
     per_device_batch_size,
     prune_checkpoints,
+    reduce_logs,
 )
 from cps_hf.training_args import parse_args, save_yaml_config  # noqa: E402
 
@@ -142,6 +145,10 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- models ----------------------------------------------------------------------------
     model_config = model_config_from_args(args, bundle.class_names, bundle.ignore_index)
     networks = build_networks(model_config, method.num_models, pretrained=args.pretrained_backbone, seed=args.seed)
+    for network in networks:
+        unreachable = freeze_unreachable_parameters(network)
+    if unreachable:
+        logger.info(f"froze {len(unreachable)} backbone parameters that never reach the logits, e.g. {unreachable[0]}")
     networks = maybe_convert_sync_batchnorm(networks, accelerator)
 
     # ---- optimizer and scheduler -----------------------------------------------------------
@@ -187,11 +194,13 @@ def main(argv: list[str] | None = None) -> dict:
     images_per_step = args.per_device_train_batch_size * (1 + method.num_unlabeled_streams) * accelerator.num_processes
     latest_eval: dict = {}
     while progress.step < max_train_steps:
+        micro_logs = []
         for micro_step in range(args.gradient_accumulation_steps):
             batch = _to_device(next(streams), accelerator.device)
             with accelerator.accumulate(*networks):
                 step_lr = optimizer.param_groups[0]["lr"]  # the LR this update uses (logged below)
                 output = method(networks, batch, progress.step, rank=accelerator.process_index, micro_step=micro_step)
+                micro_logs.append(output.logs)
                 accelerator.backward(output.loss)
                 optimizer.step()
                 scheduler.step()
@@ -202,18 +211,20 @@ def main(argv: list[str] | None = None) -> dict:
 
         if progress.step % args.logging_steps == 0 or progress.step == max_train_steps:
             elapsed = time.perf_counter() - window_start
+            step_logs = reduce_logs(mean_logs(micro_logs), accelerator)  # this step, all micro-batches and ranks
             record = {
                 "step": progress.step,
                 "epoch": progress.step / max(steps_per_epoch, 1),
                 "lr": step_lr,
                 "images_per_second": window_images / max(elapsed, 1e-9),
-                **output.logs,
+                **step_logs,
             }
             accelerator.log(record, step=progress.step)
             log.write(record)
-            bar.set_postfix(loss=f"{output.logs.get('loss', float('nan')):.3f}")
+            bar.set_postfix(loss=f"{step_logs.get('loss', float('nan')):.3f}")
             window_start, window_images = time.perf_counter(), 0
 
+        pause_start = time.perf_counter()  # evaluation and checkpoints do not count against throughput
         if args.eval_steps and progress.step % args.eval_steps == 0 and progress.step < max_train_steps:
             latest_eval = run_evaluation()
             progress.update_best(latest_eval["eval_mean_iou"], progress.step)
@@ -226,6 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
             accelerator.save_state(str(output_dir / f"step_{progress.step}"))
             if accelerator.is_main_process:
                 prune_checkpoints(output_dir, args.checkpoints_total_limit)
+        window_start += time.perf_counter() - pause_start
     bar.close()
 
     # ---- evaluation ------------------------------------------------------------------------

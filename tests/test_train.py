@@ -208,3 +208,24 @@ def test_compare_methods_runs_each_method_and_seed(demo_root, tmp_path, capsys):
             saved = json.loads((out / f"{method}_seed{seed}" / "all_results.json").read_text())
             assert saved["method"] == method and saved["eval_mean_iou"] == value
     assert "| supervised |" in capsys.readouterr().out
+
+
+def test_parameters_that_never_reach_the_logits_are_frozen():
+    """timm's features_only HRNet keeps branches for levels we do not tap: under DDP their
+    gradient-less parameters would stop the second step, so the trainer freezes them."""
+    from cps_hf import CPSConfig
+    from cps_hf.training import build_networks, freeze_unreachable_parameters
+
+    def config(backbone, **kw):
+        return CPSConfig(backbone=backbone, num_labels=3, aspp_channels=16, decoder_channels=16,
+                         low_level_channels=8, **kw)
+
+    (hrnet,) = build_networks(config("hrnet_w18_small", output_stride=None), 1)
+    frozen = freeze_unreachable_parameters(hrnet)
+    assert frozen and all(name.startswith("backbone.") for name in frozen)
+    assert not any(p.requires_grad for n, p in hrnet.named_parameters() if n in frozen)
+    assert hrnet.training  # mode restored
+    hrnet(pixel_values=torch.randn(2, 3, 64, 64)).logits.sum().backward()
+    assert all(p.grad is not None for p in hrnet.parameters() if p.requires_grad)
+    (resnet,) = build_networks(config("resnet18"), 1)
+    assert freeze_unreachable_parameters(resnet) == []

@@ -39,9 +39,12 @@ from .loaders import class_spec_of
 LABELED, UNLABELED = 0, 1
 
 
-def sample_rng(seed: int, epoch: int, position: int, stream: int) -> np.random.Generator:
-    """Independent generator per sample: the key to worker- and resume-independent augmentation."""
-    return np.random.default_rng([seed, epoch, position, stream])
+def sample_rng(seed: int, epoch: int, position: int, stream: int, rank: int | None = None) -> np.random.Generator:
+    """Independent generator per sample: the key to worker- and resume-independent augmentation.
+
+    Map-style positions are global (unique across ranks); streamed positions count within a
+    rank's shard, so those pass `rank` to keep ranks from augmenting their i-th samples alike."""
+    return np.random.default_rng([seed, epoch, position, stream] + ([] if rank is None else [rank]))
 
 
 def _undecoded(dataset, columns: list[str]):
@@ -93,7 +96,8 @@ class _StepBatches(torch.utils.data.Dataset):
                     items.append(self._apply(record, sample_rng(seed, epoch, position, UNLABELED + stream), False))
             else:
                 for (pass_index, position), record in streamed[stream]:
-                    items.append(self._apply(record, sample_rng(seed, pass_index, position, UNLABELED + stream), False))
+                    rng = sample_rng(seed, pass_index, position, UNLABELED + stream, rank=self.plan.rank)
+                    items.append(self._apply(record, rng, False))
             batch["unlabeled"].append(_collate(items))
         return batch
 
