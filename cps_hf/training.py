@@ -97,6 +97,12 @@ def maybe_convert_sync_batchnorm(networks: list[nn.Module], accelerator) -> list
     return networks
 
 
+def step_folders(output_dir: str | Path) -> list[Path]:
+    """The step_N checkpoint folders in output_dir, oldest step first."""
+    found = ((int(m.group(1)), p) for p in Path(output_dir).glob("step_*") if (m := CHECKPOINT_PATTERN.match(p.name)))
+    return [path for _, path in sorted(found)]
+
+
 def find_checkpoint(output_dir: str | Path, resume: str) -> Path:
     """`resume` is a step_N folder or "latest" (the highest step_N in output_dir)."""
     if resume != "latest":
@@ -104,12 +110,10 @@ def find_checkpoint(output_dir: str | Path, resume: str) -> Path:
         if not path.is_dir():
             raise FileNotFoundError(f"--resume_from_checkpoint {resume}: no such checkpoint folder")
         return path
-    candidates = sorted(
-        (int(m.group(1)), p) for p in Path(output_dir).glob("step_*") if (m := CHECKPOINT_PATTERN.match(p.name))
-    )
+    candidates = step_folders(output_dir)
     if not candidates:
         raise FileNotFoundError(f"--resume_from_checkpoint latest: no step_N folder in {output_dir}")
-    return candidates[-1][1]
+    return candidates[-1]
 
 
 def checkpoint_step(path: Path) -> int:
@@ -122,10 +126,7 @@ def checkpoint_step(path: Path) -> int:
 def prune_checkpoints(output_dir: str | Path, keep: int | None) -> None:
     if not keep:
         return
-    found = sorted(
-        (int(m.group(1)), p) for p in Path(output_dir).glob("step_*") if (m := CHECKPOINT_PATTERN.match(p.name))
-    )
-    for _, path in found[:-keep]:
+    for path in step_folders(output_dir)[:-keep]:
         shutil.rmtree(path, ignore_errors=True)
 
 
@@ -188,7 +189,7 @@ class JsonlLog:
     def write(self, record: dict) -> None:
         if self.enabled:
             with self.path.open("a") as handle:
-                handle.write(json.dumps(record, default=_jsonable) + "\n")
+                handle.write(json.dumps(record, default=jsonable) + "\n")
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop records newer than the checkpoint so the log tells one consistent story."""
@@ -198,7 +199,8 @@ class JsonlLog:
         self.path.write_text("".join(line + "\n" for line in kept))
 
 
-def _jsonable(value):
+def jsonable(value):
+    """`json.dumps(default=...)`: arrays and tensors as lists, anything else as its string."""
     if hasattr(value, "tolist"):
         return value.tolist()
     return str(value)

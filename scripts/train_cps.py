@@ -41,6 +41,7 @@ from cps_hf.training import (  # noqa: E402
     eval_scalars,
     find_checkpoint,
     freeze_unreachable_parameters,
+    jsonable,
     maybe_convert_sync_batchnorm,
     mean_logs,
     model_config_from_args,
@@ -181,9 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
             [accelerator.unwrap_model(networks[0])], val_set, num_labels=model_config.num_labels,
             ignore_index=bundle.ignore_index, mode=args.eval_mode,
             crop_size=args.eval_crop_size or args.crop_size, stride=args.eval_stride, accelerator=accelerator,
-        )
-        for network in networks:
-            network.train()
+        )  # evaluate_model restores the network's training mode
         return {f"eval_{key}": value for key, value in results.items()}
 
     # ---- loop ------------------------------------------------------------------------------
@@ -192,7 +191,6 @@ def main(argv: list[str] | None = None) -> dict:
     bar = tqdm(total=max_train_steps, initial=progress.step, disable=not accelerator.is_local_main_process)
     window_start, window_images = time.perf_counter(), 0
     images_per_step = args.per_device_train_batch_size * (1 + method.num_unlabeled_streams) * accelerator.num_processes
-    latest_eval: dict = {}
     while progress.step < max_train_steps:
         micro_logs = []
         for micro_step in range(args.gradient_accumulation_steps):
@@ -275,20 +273,13 @@ def main(argv: list[str] | None = None) -> dict:
             split=args.val_split, training_args=args.to_dict(), repo_id=args.hub_model_id,
         )
         export_model(accelerator.unwrap_model(networks[0]), output_dir / "model", card=card)
-        (output_dir / "all_results.json").write_text(json.dumps(results, indent=2, default=_jsonable))
+        (output_dir / "all_results.json").write_text(json.dumps(results, indent=2, default=jsonable))
         if args.push_to_hub:
             push_model(output_dir / "model", args.hub_model_id, token=args.hub_token)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
 
-
-def _jsonable(value):
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return str(value)
 
 
 if __name__ == "__main__":
