@@ -5,7 +5,7 @@ references (uint8 maps, as PNG labels decode, with 255 on ~10% of pixels):
 
 - baseline: evaluate's `mean_iou` algorithm, per image: mask the ignored pixels, then three NumPy
   histograms (intersection, prediction, reference) summed over images. Written out below.
-- MeanIoU: one confusion matrix filled by chunked `torch.bincount`.
+- MeanIoU: one confusion matrix filled by chunked `torch.bincount` over int16 bin indices.
 
 Results must be identical (asserted). Each side's time is the best of `--repeats` runs. torch runs
 on `--threads` threads (default 1, the same as NumPy's single thread). `--include_arrow` also times

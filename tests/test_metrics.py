@@ -212,6 +212,31 @@ def test_prediction_out_of_range_raises_instead_of_being_dropped():
         metric.add_batch(predictions=np.array([[0, 2**32 + 1]]), references=np.array([[0, 1]]))
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32, torch.int64])
+def test_predictions_that_would_wrap_the_narrow_bin_index_raise(dtype):
+    """21 classes x 256 uint8 reference values fit an int16 bin index. Out-of-range predictions must
+    be refused, not counted: 259 * 256 wraps to bin 768 (a valid one) in int16 arithmetic."""
+    metric = MeanIoU(num_labels=21)
+    references = np.array([[0, 1, 2]], np.uint8)
+    for bad in (21, 128, 255) + ((259,) if dtype != torch.uint8 else ()):
+        predictions = torch.tensor([[0, bad, 2]], dtype=dtype)
+        with pytest.raises(ValueError, match=rf"predictions contain class ids \[{bad}\]"):
+            metric.add_batch(predictions=predictions, references=references)
+    assert metric.confusion_matrix is None or int(metric.confusion_matrix.sum()) == 0
+
+
+@pytest.mark.parametrize("num_labels, reference_dtype", [(21, np.uint8), (150, np.uint8), (200, np.int64)])
+def test_index_width_does_not_change_the_result(num_labels, reference_dtype):
+    """int16 bins (21 x 256), int32 bins (150 x 256 > 2**15) and wide references all match the reference."""
+    rng = np.random.default_rng(num_labels)
+    references = rng.integers(0, num_labels, (3, 40, 50)).astype(reference_dtype)
+    references[rng.random(references.shape) < 0.1] = 255
+    predictions = rng.integers(0, num_labels, references.shape)
+    metric = MeanIoU(num_labels)
+    metric.add_batch(predictions=predictions, references=references)
+    assert_same(metric.compute(), reference_mean_iou(list(predictions), list(references), num_labels, 255))
+
+
 def test_out_of_range_prediction_on_ignored_pixel_is_allowed():
     metric = MeanIoU(num_labels=3)
     metric.add_batch(predictions=np.array([[0, 7, -2]]), references=np.array([[0, 255, 255]]))
