@@ -217,6 +217,9 @@ def main(argv: list[str] | None = None) -> dict:
                 "images_per_second": window_images / max(elapsed, 1e-9),
                 **step_logs,
             }
+            if accelerator.device.type == "cuda":  # this rank's peak since the last log line
+                record["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
+                torch.cuda.reset_peak_memory_stats(accelerator.device)
             accelerator.log(record, step=progress.step)
             log.write(record)
             bar.set_postfix(loss=f"{step_logs.get('loss', float('nan')):.3f}")

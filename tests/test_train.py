@@ -125,6 +125,23 @@ def test_bf16_and_gradient_accumulation(demo_root, tmp_path):
     assert records[0]["lr"] > records[1]["lr"]  # the scheduler stepped once per optimizer step, not per micro-batch
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["no", "fp16", "bf16"])
+def test_cuda_run_in_each_precision(demo_root, tmp_path, precision):
+    """On a GPU: a CPS+CutMix run in fp32, fp16 (grad scaler) and bf16 trains on CUDA, keeps its
+    losses finite, logs its peak memory and exports a model whose weights are float32."""
+    out = tmp_path / precision
+    results = train_cps.main(tiny_args(demo_root, out, "--method", "cps_cutmix", "--max_train_steps", "6",
+                                       "--mixed_precision", precision, "--learning_rate", "0.001"))
+    assert results["final_step"] == 6 and 0.0 <= results["eval_mean_iou"] <= 1.0
+    records = [r for r in _read_log(out) if "loss" in r]
+    assert [r["step"] for r in records] == list(range(1, 7))
+    assert all(torch.isfinite(torch.tensor([r["loss"], r["loss_sup"], r["loss_cps"]])).all() for r in records)
+    assert all(r["max_memory_allocated_gib"] > 0 for r in records)
+    weights = load_file(out / "model" / "model.safetensors")
+    assert {tensor.dtype for tensor in weights.values() if tensor.is_floating_point()} == {torch.float32}
+
+
 def test_resume_mid_run_matches_an_uninterrupted_run(demo_root, tmp_path):
     """Stop at step 2 and resume: same weights at step 4 as a run that never stopped
     (models, optimizer, scheduler, RNG and the data streams all come back)."""
