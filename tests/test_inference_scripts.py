@@ -60,7 +60,7 @@ def test_evaluate_cps_writes_eval_keys_matching_a_direct_evaluation(workspace, c
     from cps_hf.data import EvalTransform, load_voc
     from cps_hf.inference import TransformedDataset, evaluate_model, load_segmentation_model
 
-    model, mean, std = load_segmentation_model(sup)
+    model, mean, std = load_segmentation_model(sup, "cuda" if torch.cuda.is_available() else "cpu")  # the script's device
     data = TransformedDataset(load_voc(root / "voc", split="val"), EvalTransform(mean, std))
     direct = evaluate_model(model, data, num_labels=len(DEMO_CLASSES), crop_size=48)
     assert written["eval_mean_iou"] == pytest.approx(float(direct["mean_iou"]))
