@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from accelerate.utils import DistributedDataParallelKwargs
 from torch import nn
 
 from .configuration_cps import CPSConfig
@@ -206,15 +207,37 @@ def jsonable(value):
     return str(value)
 
 
-def parameter_fingerprint(networks: list[nn.Module]) -> str:
-    """A hash of every parameter: equal on all DDP ranks when training stayed in sync.
+def ddp_kwargs() -> DistributedDataParallelKwargs:
+    """DDP without its start-of-forward buffer broadcast.
 
-    Buffers are left out on purpose: without SyncBN each rank updates its BN running statistics
-    from its own batch after DDP's start-of-forward broadcast, so they legitimately differ.
+    A CPS step runs each network several times before one backward (labelled, unlabelled, CutMix
+    passes). DDP's broadcast writes the BN running statistics in place at every forward, and some
+    torch versions (2.11 was seen) keep those tensors for BN's backward, so the backward then fails
+    with "modified by an inplace operation". With SyncBN the running statistics agree across ranks
+    anyway; `broadcast_buffers_from_main` makes them identical before evaluation and export.
+    """
+    return DistributedDataParallelKwargs(broadcast_buffers=False)
+
+
+def broadcast_buffers_from_main(networks: list[nn.Module], accelerator) -> None:
+    """Copy rank 0's buffers (BN running statistics) to every rank, so that all ranks evaluate and
+    export the same model. No-op in a single process."""
+    if accelerator.num_processes <= 1:
+        return
+    for network in networks:
+        for buffer in accelerator.unwrap_model(network).buffers():
+            torch.distributed.broadcast(buffer.data, src=0)
+
+
+def parameter_fingerprint(networks: list[nn.Module]) -> str:
+    """A hash of every parameter and buffer: equal on all DDP ranks when training stayed in sync.
+
+    Take it after `broadcast_buffers_from_main`: without SyncBN each rank updates its BN running
+    statistics from its own batches, so before that broadcast they legitimately differ.
     """
     digest = hashlib.sha256()
     for network in networks:
-        for name, tensor in sorted(network.named_parameters()):
+        for name, tensor in sorted([*network.named_parameters(), *network.named_buffers()], key=lambda item: item[0]):
             digest.update(name.encode())
             digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()

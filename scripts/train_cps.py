@@ -36,8 +36,10 @@ from cps_hf.optim import build_optimizer, poly_schedule  # noqa: E402
 from cps_hf.training import (  # noqa: E402
     JsonlLog,
     TrainProgress,
+    broadcast_buffers_from_main,
     build_networks,
     checkpoint_step,
+    ddp_kwargs,
     eval_scalars,
     find_checkpoint,
     freeze_unreachable_parameters,
@@ -94,6 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
         mixed_precision=args.mixed_precision,
         log_with=_trackers(args.report_to),
         project_dir=str(output_dir),
+        kwargs_handlers=[ddp_kwargs()],
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(args.seed)
@@ -178,6 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
         log.truncate_after(progress.step)
 
     def run_evaluation() -> dict:
+        broadcast_buffers_from_main(networks, accelerator)  # every rank evaluates the model rank 0 exports
         results = evaluate_model(
             [accelerator.unwrap_model(networks[0])], val_set, num_labels=model_config.num_labels,
             ignore_index=bundle.ignore_index, mode=args.eval_mode,
@@ -247,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
     fingerprints = gather_object([parameter_fingerprint([accelerator.unwrap_model(n) for n in networks])])
     in_sync = len(set(fingerprints)) == 1
     if not in_sync:
-        raise RuntimeError(f"DDP ranks ended with different weights: {fingerprints}")
+        raise RuntimeError(f"DDP ranks ended with different weights or buffers: {fingerprints}")
     results = {
         **final,
         "final_step": progress.step,
