@@ -246,6 +246,7 @@ def evaluate_model(
     reduce_labels: bool = False,
     nan_to_num=None,
     progress: bool = False,
+    metric=None,
 ) -> dict:
     """mIoU of `models` on `data` under an inference protocol, with evaluate's `mean_iou` keys.
 
@@ -254,13 +255,16 @@ def evaluate_model(
     item, no padding: an unprepared loader is re-sharded, so do not pass one prepared by
     accelerate), then the confusion matrices are summed, so no sample counts twice. Logits are
     resized to the label size when the two differ. Models are put in eval mode and restored.
+    `metric` replaces the default `MeanIoU` with another object of its interface (add_batch, sync,
+    compute), e.g. `cps_hf.metrics.EvaluateModuleMeanIoU` to cross-check against evaluate.
     """
     models = list(models) if isinstance(models, (list, tuple)) else [models]
     rank, world = _rank_and_world(accelerator)
     device = accelerator.device if accelerator is not None else _model_device(models)
     loader = _loader_for_process(data, rank, world, batch_size, num_workers, collate_fn)
-    metric = MeanIoU(num_labels, ignore_index=ignore_index, nan_to_num=nan_to_num, label_map=label_map,
-                     reduce_labels=reduce_labels, device=device)
+    if metric is None:
+        metric = MeanIoU(num_labels, ignore_index=ignore_index, nan_to_num=nan_to_num, label_map=label_map,
+                         reduce_labels=reduce_labels, device=device)
     was_training = [getattr(model, "training", False) for model in models]
     for model in models:
         if isinstance(model, torch.nn.Module):

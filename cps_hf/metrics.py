@@ -205,6 +205,62 @@ class MeanIoU:
         return metrics_from_confusion_matrix(matrix, nan_to_num=self.nan_to_num)
 
 
+class EvaluateModuleMeanIoU:
+    """An evaluate module with `mean_iou`'s interface (`evaluate.load("mean_iou")` from the Hub, or a
+    local path) behind `MeanIoU`'s add_batch / sync / compute, to cross-check cps_hf's numbers.
+
+    It keeps every map in evaluate's Arrow cache until `compute`, like evaluate does, and runs in a
+    single process only: evaluate's own multi-process mode needs a shared experiment id and file
+    locks, which the streaming `MeanIoU` does not need.
+    """
+
+    def __init__(self, name_or_path: str, num_labels: int, ignore_index: int | None = 255,
+                 nan_to_num: float | None = None, label_map: Mapping[int, int] | None = None,
+                 reduce_labels: bool = False):
+        import evaluate
+
+        self.name = name_or_path
+        try:
+            self.module = evaluate.load(name_or_path)
+        except Exception as error:  # offline, unknown name, broken module: say which metric
+            raise RuntimeError(f"could not load the evaluate metric {name_or_path!r}: {error}") from error
+        self.compute_kwargs = {"num_labels": int(num_labels), "ignore_index": ignore_index, "nan_to_num": nan_to_num,
+                               "label_map": dict(label_map or {}), "reduce_labels": bool(reduce_labels)}
+
+    def add_batch(self, *, predictions, references) -> None:
+        """Same inputs as `MeanIoU.add_batch`; maps go to evaluate as unsigned images (PNG-like)."""
+        pred_maps = [m for t in _as_map_batches(predictions, "predictions") for m in _maps_of(t)]
+        ref_maps = [m for t in _as_map_batches(references, "references") for m in _maps_of(t)]
+        if len(pred_maps) != len(ref_maps):
+            raise ValueError(f"got {len(pred_maps)} prediction maps but {len(ref_maps)} reference maps")
+        self.module.add_batch(predictions=[_image_array(m, "predictions") for m in pred_maps],
+                              references=[_image_array(m, "references") for m in ref_maps])
+
+    def sync(self, accelerator=None) -> "EvaluateModuleMeanIoU":
+        world = accelerator.num_processes if accelerator is not None else (
+            torch.distributed.get_world_size()
+            if torch.distributed.is_available() and torch.distributed.is_initialized() else 1)
+        if world > 1:
+            raise RuntimeError(f"the evaluate metric {self.name!r} is supported in a single process only; "
+                               "use cps_hf's MeanIoU (the default) under accelerate launch")
+        return self
+
+    def compute(self) -> dict:
+        return self.module.compute(**self.compute_kwargs)
+
+
+def _maps_of(tensor: torch.Tensor) -> list[torch.Tensor]:
+    return [tensor] if tensor.dim() == 2 else list(tensor)
+
+
+def _image_array(tensor: torch.Tensor, name: str) -> np.ndarray:
+    """A class-id map as the narrowest unsigned array an image can hold (uint8, else uint16)."""
+    array = tensor.cpu().numpy()
+    if array.size and (array.min() < 0 or array.max() > 65535):
+        raise ValueError(f"{name}: values {array.min()}..{array.max()} do not fit a 16-bit label image")
+    return array.astype(np.uint8 if array.size == 0 or array.max() <= 255 else np.uint16, copy=False)
+
+
 def metrics_from_confusion_matrix(confusion_matrix, nan_to_num: float | None = None) -> dict:
     """evaluate-style metrics from a (reference x prediction) confusion matrix."""
     matrix = np.asarray(confusion_matrix, dtype=np.float64)

@@ -40,6 +40,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num_workers", type=int, default=0)
     parser.add_argument("--max_samples", type=int, help="evaluate only the first N images (quick checks)")
     parser.add_argument("--output", help="write the results as JSON here")
+    parser.add_argument(
+        "--metric", default="cps_hf",
+        help="cps_hf (streaming MeanIoU, default), or an evaluate metric name or path with mean_iou's interface, "
+        "e.g. mean_iou (evaluate's own, from the Hub) to cross-check; single process only",
+    )
     args = parser.parse_args(argv)
     if args.both_branches and not args.model2:
         parser.error("--both_branches needs --model2 (the second branch's folder or Hub id)")
@@ -107,9 +112,17 @@ def main(argv=None) -> dict:
         split = split.select(range(min(args.max_samples, len(split))))
     data = TransformedDataset(split, EvalTransform(mean=mean, std=std, num_classes=num_labels))
 
+    metric = None
+    if args.metric != "cps_hf":
+        from cps_hf.metrics import EvaluateModuleMeanIoU
+
+        if accelerator.num_processes > 1:
+            raise SystemExit(f"--metric {args.metric}: evaluate metrics run in a single process; drop --metric "
+                             "(cps_hf's MeanIoU sums across processes) or launch one process")
+        metric = EvaluateModuleMeanIoU(args.metric, num_labels, ignore_index=255)
     results = evaluate_model(
         models, data, num_labels=num_labels, ignore_index=255, accelerator=accelerator,
-        batch_size=args.batch_size, num_workers=args.num_workers, progress=True, **protocol,
+        batch_size=args.batch_size, num_workers=args.num_workers, progress=True, metric=metric, **protocol,
     )
     summary = {f"eval_{key}": _plain(value) for key, value in results.items()}
     summary.update({
@@ -119,6 +132,7 @@ def main(argv=None) -> dict:
         "dataset": args.dataset,
         "split": args.split,
         "num_samples": len(data),
+        "metric": args.metric,
         "protocol": {**protocol, "scales": list(protocol["scales"]), "branches": len(models)},
     })
     if accelerator.is_main_process:

@@ -66,6 +66,60 @@ def test_evaluate_cps_writes_eval_keys_matching_a_direct_evaluation(workspace, c
     assert written["eval_mean_iou"] == pytest.approx(float(direct["mean_iou"]))
 
 
+# An evaluate module written here, independent of cps_hf.metrics: per-image NumPy histograms over
+# the maps evaluate hands back from its Arrow cache (images), as evaluate's own mean_iou computes.
+HISTOGRAM_MEAN_IOU = """
+import datasets  # one import per line: evaluate reads them to list the module's needs
+import evaluate
+import numpy as np
+
+
+class HistogramMeanIoU(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(description="test", citation="", inputs_description="",
+                                   features=datasets.Features({"predictions": datasets.Image(),
+                                                               "references": datasets.Image()}))
+
+    def _compute(self, predictions, references, num_labels, ignore_index, nan_to_num=None, label_map=None,
+                 reduce_labels=False):
+        assert not label_map and not reduce_labels and nan_to_num is None
+        counts = np.zeros((3, num_labels))
+        for prediction, reference in zip(predictions, references):
+            prediction, reference = np.asarray(prediction), np.asarray(reference)
+            keep = reference != ignore_index
+            prediction, reference = prediction[keep], reference[keep]
+            for row, values in enumerate((prediction[prediction == reference], prediction, reference)):
+                counts[row] += np.histogram(values, bins=num_labels, range=(0, num_labels))[0]
+        hits, predicted, labelled = counts
+        with np.errstate(divide="ignore", invalid="ignore"):
+            iou = hits / (predicted + labelled - hits)
+            accuracy = hits / labelled
+        return {"mean_iou": np.nanmean(iou), "mean_accuracy": np.nanmean(accuracy),
+                "overall_accuracy": hits.sum() / labelled.sum(), "per_category_iou": iou,
+                "per_category_accuracy": accuracy, "computed_by": "histograms"}
+"""
+
+
+def test_evaluate_cps_metric_option_cross_checks_with_an_evaluate_module(workspace, tmp_path):
+    """`--metric PATH` runs the same evaluation through an evaluate module (here one that shares no
+    code with cps_hf.metrics): every number matches the streaming default."""
+    root, sup, cps = workspace
+    module_dir = tmp_path / "histogram_mean_iou"
+    module_dir.mkdir()
+    (module_dir / "histogram_mean_iou.py").write_text(HISTOGRAM_MEAN_IOU)
+    evaluate_cps = load_script("evaluate_cps")
+    common = ["--model", sup, "--dataset", "voc", "--data_root", str(root / "voc"), "--crop_size", "48"]
+    default = evaluate_cps.main(common)
+    crosscheck = evaluate_cps.main([*common, "--metric", str(module_dir)])
+    assert crosscheck["metric"] == str(module_dir) and default["metric"] == "cps_hf"
+    assert crosscheck["eval_computed_by"] == "histograms"  # the module really computed these numbers
+    for key in ("eval_mean_iou", "eval_mean_accuracy", "eval_overall_accuracy", "eval_per_category_iou",
+                "eval_per_category_accuracy"):
+        assert crosscheck[key] == pytest.approx(default[key], nan_ok=True), key
+    with pytest.raises(RuntimeError, match="could not load the evaluate metric 'no_such_metric_here'"):
+        evaluate_cps.main([*common, "--metric", "no_such_metric_here"])
+
+
 def test_evaluate_cps_both_branches_slide_flip(workspace, tmp_path):
     root, sup, cps = workspace
     evaluate_cps = load_script("evaluate_cps")
