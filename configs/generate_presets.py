@@ -47,7 +47,7 @@ VOC = dict(
 CITY = dict(
     dataset="cityscapes", data_root="data/cityscapes", train_split="train", val_split="val", crop_size=800,
     scales=[0.5, 0.75, 1.0, 1.5, 1.75, 2.0], sup_loss="ohem", ohem_threshold=0.7, ohem_min_kept=50000,
-    weight_decay=8e-4, eval_mode="slide", eval_crop_size=800, eval_stride=534,
+    ohem_images_per_group=1, weight_decay=8e-4, eval_mode="slide", eval_crop_size=800, eval_stride=534,
 )
 LAMBDA = {("voc", "cps"): 1.5, ("voc", "cps_cutmix"): 1.0, ("cityscapes", "cps"): 6.0, ("cityscapes", "cps_cutmix"): 5.0}
 PAPER_MIOU = {  # Table 1 / 2 / 3 / 5, for the preset note: what a run should land near

@@ -55,7 +55,12 @@ class CPSTrainingConfig:
     cutmix_same_image: bool = field(default=False, metadata={"help": "Reproduce the original's bug: CutMix mixes two views of the same image."})
     sup_loss: Literal["ce", "ohem"] = field(default="ce", metadata={"help": "Supervised loss: CE (VOC) or OHEM (Cityscapes)."})
     ohem_threshold: float = 0.7
-    ohem_min_kept: int = field(default=50000, metadata={"help": "OHEM keeps at least this many pixels per device batch."})
+    ohem_min_kept: int = field(default=50000, metadata={"help": "OHEM keeps at least this many pixels per group of images."})
+    ohem_images_per_group: int = field(
+        default=1,
+        metadata={"help": "OHEM thresholds and averages per group of this many images, as the original did per GPU "
+                  "(1 Cityscapes image per GPU); 0 = the whole device batch."},
+    )
 
     # ---- optimisation ----------------------------------------------------------------------
     per_device_train_batch_size: int = field(default=8, metadata={"help": "Labeled images per device per step (the same number of unlabeled images)."})

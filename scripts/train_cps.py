@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> dict:
     method = build_method(
         args.method,
         sup_criterion=(
-            OhemCrossEntropy(threshold=args.ohem_threshold, min_kept=args.ohem_min_kept)
+            OhemCrossEntropy(threshold=args.ohem_threshold, min_kept=args.ohem_min_kept,
+                             images_per_group=args.ohem_images_per_group)
             if args.sup_loss == "ohem" else cross_entropy
         ),
         cps_weight=args.cps_weight,

@@ -96,13 +96,31 @@ def test_ohem_matches_direct_numpy_implementation(min_kept):
     labels = rng.integers(0, 5, size=(2, 8, 8))
     labels[0, :2] = 255
     expected, kept = _ohem_numpy(logits, labels, 255, 0.7, min_kept)
-    criterion = OhemCrossEntropy(ignore_index=255, threshold=0.7, min_kept=min_kept)
+    criterion = OhemCrossEntropy(ignore_index=255, threshold=0.7, min_kept=min_kept, images_per_group=0)
     got = criterion(torch.from_numpy(logits), torch.from_numpy(labels))
     assert got.item() == pytest.approx(expected, rel=1e-5)
     hard = criterion.hard_pixel_labels(torch.from_numpy(logits), torch.from_numpy(labels))
     assert int((hard != 255).sum()) == kept
     if min_kept == 40:  # the min_kept floor is active: more than just the below-threshold pixels
         assert kept >= 40
+
+
+@pytest.mark.parametrize("images_per_group", [1, 2])
+def test_ohem_per_group_is_the_mean_of_separate_devices(images_per_group):
+    """The original ran OHEM on each GPU's own image and DDP averaged: a batch of 4 in groups of
+    `images_per_group` gives the mean of the groups' separate OHEM losses."""
+    rng = np.random.default_rng(images_per_group)
+    logits = rng.normal(size=(4, 5, 8, 8)).astype(np.float32) * 3
+    labels = rng.integers(0, 5, size=(4, 8, 8))
+    labels[1, :3] = 255
+    groups = [slice(i, i + images_per_group) for i in range(0, 4, images_per_group)]
+    expected = np.mean([_ohem_numpy(logits[g], labels[g], 255, 0.7, 40)[0] for g in groups])
+    got = OhemCrossEntropy(threshold=0.7, min_kept=40, images_per_group=images_per_group)(
+        torch.from_numpy(logits), torch.from_numpy(labels))
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    whole = OhemCrossEntropy(threshold=0.7, min_kept=40, images_per_group=0)(
+        torch.from_numpy(logits), torch.from_numpy(labels))
+    assert whole.item() != pytest.approx(got.item(), rel=1e-3)  # grouping really changes the loss
 
 
 def test_ohem_keeps_only_hard_pixels_when_enough_are_hard():
