@@ -4,14 +4,16 @@ Read top to bottom: what an exported folder holds, the model card (metadata with
 mIoU results, then the human-readable body), the export, then the push.
 
 The exported folder is what `from_pretrained` and `pipeline("image-segmentation")` need and
-nothing else: `config.json`, `model.safetensors`, `preprocessor_config.json` and `README.md`.
-Pickle-based weights (`*.bin`, `*.pt`, ...) are never written and never pushed.
+nothing else: `config.json`, `model.safetensors`, `preprocessor_config.json` and `README.md`, plus
+(by default) the three source files that let `trust_remote_code=True` load the model where cps_hf
+is not installed. Pickle-based weights (`*.bin`, `*.pt`, ...) are never written and never pushed.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from transformers import PreTrainedModel
 
 from .configuration_cps import CPSConfig
 from .image_processing_cps import CPSImageProcessor
+from .modeling_cps import CPSForSemanticSegmentation
 
 # ---------------------------------------------------------------------------------------------
 # What an exported folder holds
@@ -30,6 +33,8 @@ WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"  # only when save_pretrained shards big models
 PROCESSOR_FILE = "preprocessor_config.json"
 CARD_FILE = "README.md"
+# transformers' custom_object_save copies these (with `auto_map` entries) for trust_remote_code.
+REMOTE_CODE_FILES = ("configuration_cps.py", "modeling_cps.py", "image_processing_cps.py")
 
 # Files that can run code when loaded: refused outright, whatever else the folder holds.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -57,8 +62,8 @@ def _is_export_file(relative_path: str) -> bool:
     """The files `export_model` writes (a sharded save adds numbered `*.safetensors` and an index)."""
     if "/" in relative_path:
         return False
-    return relative_path in (CONFIG_FILE, PROCESSOR_FILE, CARD_FILE, WEIGHTS_INDEX_FILE) or relative_path.endswith(
-        ".safetensors"
+    return relative_path in (CONFIG_FILE, PROCESSOR_FILE, CARD_FILE, WEIGHTS_INDEX_FILE, *REMOTE_CODE_FILES) or (
+        relative_path.endswith(".safetensors")
     )
 
 
@@ -170,6 +175,7 @@ def _card_body(
     split: str,
     training_args: dict | None,
     repo_id: str | None,
+    remote_code: bool,
 ) -> str:
     model_ref = repo_id or "path/to/exported-model"
     protocol_text = protocol or "fully supervised (all labels)"
@@ -226,6 +232,17 @@ def _card_body(
         'segments = segmenter("image.jpg")  # [{"label": ..., "mask": PIL image at the input size}, ...]',
         "```",
         "",
+        *([
+            "Without cps_hf installed (timm is still needed), the source files in this repository load it:",
+            "",
+            "```python",
+            "from transformers import pipeline",
+            "",
+            f'segmenter = pipeline("image-segmentation", model="{model_ref}", subtask="semantic", '
+            "trust_remote_code=True)",
+            "```",
+            "",
+        ] if remote_code else []),
         "Or with the model and image processor directly:",
         "",
         "```python",
@@ -266,11 +283,13 @@ def build_model_card(
     training_args: dict | None = None,
     repo_id: str | None = None,
     license: str | None = None,
+    remote_code: bool = True,
 ) -> ModelCard:
     """The model card of an exported CPS model: model-index mIoU metadata plus a readable body.
 
     `results` uses evaluate's `mean_iou` keys (fractions in [0, 1]), with or without the
     Trainer's `eval_` prefix; the metadata keeps fractions, the body shows percentages.
+    `remote_code` says whether the export carries the source files for `trust_remote_code=True`.
     """
     if not dataset_name or not dataset_type:
         raise ValueError("build_model_card needs a non-empty dataset_name and dataset_type")
@@ -313,6 +332,7 @@ def build_model_card(
         split=split,
         training_args=training_args,
         repo_id=repo_id,
+        remote_code=remote_code,
     )
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
 
@@ -328,9 +348,14 @@ def export_model(
     *,
     image_processor: CPSImageProcessor | None = None,
     card: ModelCard | None = None,
+    remote_code: bool = True,
     **card_kwargs,
 ) -> Path:
     """Write a pipeline-ready folder: safetensors weights, config, image processor, model card.
+
+    With `remote_code` (the default) the folder also holds the configuration, modeling and image
+    processing source with `auto_map` entries, so `trust_remote_code=True` loads it without cps_hf;
+    where cps_hf is imported, its registered classes are used and no remote code runs.
 
     Give either a ready `card` or the `build_model_card` keywords (dataset_name, dataset_type,
     protocol, method, results, ...). The folder must be new, empty, or a previous export: stray
@@ -349,7 +374,7 @@ def export_model(
                 "export_model needs a model card: pass card=build_model_card(...) or its keywords "
                 "(dataset_name=..., dataset_type=..., protocol=..., method=..., results=...)"
             )
-        card = build_model_card(model.config, **card_kwargs)
+        card = build_model_card(model.config, remote_code=remote_code, **card_kwargs)
 
     output_dir = Path(output_dir)
     if output_dir.exists():
@@ -360,10 +385,39 @@ def export_model(
             )
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    model.save_pretrained(output_dir)  # transformers 5 writes safetensors only
-    (image_processor or CPSImageProcessor()).save_pretrained(output_dir)
+    processor = image_processor or CPSImageProcessor()
+    with _auto_classes_registered(remote_code, model.config, processor):
+        model.save_pretrained(output_dir)  # transformers 5 writes safetensors only
+        processor.save_pretrained(output_dir)
     card.save(output_dir / CARD_FILE)
     return output_dir
+
+
+@contextmanager
+def _auto_classes_registered(enabled: bool, *saved_objects):
+    """transformers writes `auto_map` and copies a class's source on save only while the class is
+    registered for an Auto class, and it leaves `auto_map` on the saved config and processor.
+    Register for this export alone, then restore both (a later plain save stays plain)."""
+    classes = {CPSConfig: "AutoConfig", CPSForSemanticSegmentation: "AutoModelForSemanticSegmentation",
+               CPSImageProcessor: "AutoImageProcessor"}
+    registered = {cls: cls.__dict__.get("_auto_class", None) for cls in classes}
+    auto_maps = [(obj, obj.__dict__.get("auto_map", _MISSING)) for obj in saved_objects]
+    try:
+        if enabled:
+            for cls, auto_class in classes.items():
+                cls.register_for_auto_class(auto_class)
+        yield
+    finally:
+        for cls, value in registered.items():
+            cls._auto_class = value
+        for obj, value in auto_maps:
+            if value is _MISSING:
+                obj.__dict__.pop("auto_map", None)
+            else:
+                obj.auto_map = value
+
+
+_MISSING = object()
 
 
 # ---------------------------------------------------------------------------------------------

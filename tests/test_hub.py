@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import socket
@@ -34,7 +35,8 @@ import cps_hf  # noqa: F401  (registers the CPS Auto classes)
 from cps_hf import CPSConfig, CPSForSemanticSegmentation, CPSImageProcessor
 from cps_hf.hub import build_model_card, export_model, push_model
 
-EXPORTED_FILES = ["README.md", "config.json", "model.safetensors", "preprocessor_config.json"]
+EXPORTED_FILES = ["README.md", "config.json", "configuration_cps.py", "image_processing_cps.py", "model.safetensors",
+                  "modeling_cps.py", "preprocessor_config.json"]
 ID2LABEL = {0: "bg", 1: "a", 2: "b"}
 RESULTS = {
     "eval_mean_iou": np.float64(0.7123),
@@ -121,6 +123,52 @@ def test_export_round_trips_through_auto_classes(model, exported, pixel_values):
     assert isinstance(loaded, CPSForSemanticSegmentation)
     assert_same_logits(logits_of(loaded, pixel_values), logits_of(model, pixel_values))
     assert isinstance(AutoImageProcessor.from_pretrained(exported), CPSImageProcessor)
+
+
+REMOTE_LOAD = """
+import sys, torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation, pipeline
+
+folder = sys.argv[1]
+model = AutoModelForSemanticSegmentation.from_pretrained(folder, trust_remote_code=True).eval()
+processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+segments = pipeline("image-segmentation", model=folder, trust_remote_code=True)(Image.new("RGB", (45, 33), (9, 99, 199)))
+torch.manual_seed(0)
+with torch.no_grad():
+    logits = model(pixel_values=torch.randn(2, 3, 32, 32)).logits
+torch.save(logits, sys.argv[2])
+print(type(model).__module__, type(processor).__module__, "cps_hf" in sys.modules, len(segments))
+"""
+
+
+def test_export_loads_with_trust_remote_code_where_cps_hf_is_not_imported(model, exported, tmp_path):
+    """A fresh interpreter that never imports cps_hf loads the export from its own source files
+    (transformers' dynamic modules) and computes the same logits."""
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    logits_file = tmp_path / "logits.pt"
+    completed = subprocess.run([sys.executable, "-c", REMOTE_LOAD, str(exported), str(logits_file)],
+                               capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    model_module, processor_module, imported_cps_hf, num_segments = completed.stdout.split()[-4:]
+    assert model_module.startswith("transformers_modules.") and model_module.endswith(".modeling_cps")
+    assert processor_module.startswith("transformers_modules.") and imported_cps_hf == "False"
+    assert int(num_segments) >= 1
+    torch.manual_seed(0)
+    with torch.no_grad():
+        expected = model.eval()(pixel_values=torch.randn(2, 3, 32, 32)).logits
+    assert torch.equal(torch.load(logits_file), expected)
+    assert "trust_remote_code=True" in (exported / "README.md").read_text()  # the card tells users how
+
+
+def test_export_without_remote_code_and_no_leaked_registration(model, tmp_path):
+    plain = export_model(model, tmp_path / "plain", remote_code=False, **CARD_KWARGS)
+    assert sorted(p.name for p in plain.iterdir()) == [
+        "README.md", "config.json", "model.safetensors", "preprocessor_config.json"]
+    assert "auto_map" not in json.loads((plain / "config.json").read_text())
+    assert "trust_remote_code=True" not in (plain / "README.md").read_text()
+    model.save_pretrained(tmp_path / "after")  # an export with remote code earlier must not leak into this
+    assert not (tmp_path / "after" / "modeling_cps.py").exists()
 
 
 def test_exported_folder_works_with_the_pipeline(model, exported):

@@ -69,7 +69,8 @@ def test_tiny_run_end_to_end(demo_root, tmp_path, method):
                                        "--eval_steps", "2"))
     # Outputs: pipeline-ready model, evaluate-style results, the config used, the step log.
     assert sorted(p.name for p in (out / "model").iterdir()) == [
-        "README.md", "config.json", "model.safetensors", "preprocessor_config.json"]
+        "README.md", "config.json", "configuration_cps.py", "image_processing_cps.py", "model.safetensors",
+        "modeling_cps.py", "preprocessor_config.json"]
     saved = json.loads((out / "all_results.json").read_text())
     for key in ("eval_mean_iou", "eval_mean_accuracy", "eval_overall_accuracy", "eval_per_category_iou"):
         assert key in saved
