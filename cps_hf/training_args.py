@@ -35,6 +35,11 @@ class CPSTrainingConfig:
     crop_size: int = field(default=512, metadata={"help": "Random crop size for training."})
     scales: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.5, 1.75, 2.0], metadata={"help": "Random scale choices (the original's list)."})
     num_workers: int = field(default=4, metadata={"help": "DataLoader workers per stream."})
+    unlabeled_length: int | None = field(
+        default=None,
+        metadata={"help": "Samples per epoch of a streamed unlabeled pool that does not report its size (--dataset hub)."},
+    )
+    shuffle_buffer: int = field(default=1000, metadata={"help": "Shuffle buffer of a streamed unlabeled pool."})
 
     # ---- model -----------------------------------------------------------------------------
     backbone: str = field(default="resnet50s", metadata={"help": "timm backbone name."})

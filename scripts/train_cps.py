@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
         batch_size=args.per_device_train_batch_size, seed=args.seed,
         num_unlabeled_streams=method.num_unlabeled_streams, same_unlabeled_order=args.cutmix_same_image,
         rank=accelerator.process_index, world_size=accelerator.num_processes, num_workers=args.num_workers,
+        unlabeled_length=args.unlabeled_length, shuffle_buffer=args.shuffle_buffer,
     )
     val_set = bundle.val
     if args.max_eval_samples is not None:
@@ -240,6 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
             accelerator.print(f"step {progress.step}: eval_mean_iou {latest_eval['eval_mean_iou']:.4f}")
 
         if args.checkpointing_steps and progress.step % args.checkpointing_steps == 0:
+            streams.set_positions_of_all_ranks(gather_object([streams.streamed_positions()]))  # saved by rank 0
             accelerator.save_state(str(output_dir / f"step_{progress.step}"))
             if accelerator.is_main_process:
                 prune_checkpoints(output_dir, args.checkpoints_total_limit)

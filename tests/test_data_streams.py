@@ -172,3 +172,36 @@ def test_streaming_unlabeled_pool_shards_and_resumes(folder, parquet_pool, monke
     assert _collect(resumed, 5) == reference[3:]
     per_rank = [[i for b in _epoch(make(r, 2, 2)) for i in _ids(b, "unlabeled", 0)] for r in range(2)]
     assert not set(per_rank[0]) & set(per_rank[1]) and sorted(per_rank[0] + per_rank[1]) == list(range(20))
+
+
+def test_streamed_resume_under_ddp_uses_each_ranks_own_position(tmp_path, folder, monkeypatch):
+    """21 records over 2 ranks: shards of 11 and 10 end their passes at different steps, so a
+    checkpoint (written by rank 0 alone, as accelerate does) must carry every rank's position."""
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
+    images = [Image.new("RGB", (6, 6), (i, 0, 0)) for i in range(21)]
+    data = datasets.Dataset.from_dict({"image": images, "uid": [f"u{i}" for i in range(21)]})
+    for shard in range(3):
+        data.shard(3, shard, contiguous=True).to_parquet(tmp_path / f"part{shard}.parquet")
+    labeled, _ = folder
+    make = lambda rank: TrainStreams(
+        labeled, load_hub_dataset("parquet", "train", label_column=None, id_column="uid", streaming=True,
+                                  data_files=f"{tmp_path}/*.parquet"),
+        IdTransform(), batch_size=4, seed=3, rank=rank, world_size=2, unlabeled_length=21, shuffle_buffer=1)
+    reference = _collect(make(1), 6)
+    ranks = [make(0), make(1)]
+    for streams in ranks:
+        _collect(streams, 3)  # 12 records each: rank 1 (10 records) has wrapped further into pass 1
+    positions = [streams.streamed_positions() for streams in ranks]
+    assert positions[0] != positions[1]
+    for streams in ranks:
+        streams.set_positions_of_all_ranks(positions)
+    saved = ranks[0].state_dict()  # only the main process writes custom state
+    resumed = make(1)
+    resumed.load_state_dict(saved)
+    assert _collect(resumed, 3) == reference[3:]
+
+    without_ranks = {**saved, "streamed_positions_by_rank": None}
+    stale = make(1)
+    with pytest.warns(UserWarning, match="rank 0's streamed positions only"):
+        stale.load_state_dict(without_ranks)
+    assert _collect(stale, 3) != reference[3:]  # what this test guards against

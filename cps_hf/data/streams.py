@@ -15,7 +15,8 @@ Design
   once, and read in the main process as undecoded records, which travel inside the step keys
   to the workers. Its position is saved as (pass, records consumed) and restored by replaying
   the pass without decoding: exact, unlike the IterableDataset state_dict, which drops the
-  shuffle buffer's contents on resume.
+  shuffle buffer's contents on resume. Under DDP every rank's position is gathered into the
+  saved state (`set_positions_of_all_ranks`), since shards end their passes at different steps.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import collections
 import copy
 import functools
 import math
+import warnings
 from typing import Any, Callable, Iterator
 
 import cv2
@@ -281,6 +283,7 @@ class TrainStreams:
         self._iterator = None
         self._positions_after: collections.deque = collections.deque()
         self._pool_start = [(0, 0)] * len(self._pools)
+        self._positions_by_rank: list | None = None
 
     @property
     def steps_per_epoch(self) -> int:
@@ -325,7 +328,24 @@ class TrainStreams:
         return batch
 
     # -- checkpointing
+    def streamed_positions(self) -> list[list[int]]:
+        """This rank's resume point in each streamed pool: [pass, records consumed] per pool."""
+        return [list(p) for p in self._pool_start]
+
+    def set_positions_of_all_ranks(self, positions_by_rank: list) -> None:
+        """Record every rank's `streamed_positions()` (gathered, rank order) for the next `state_dict`.
+
+        accelerate saves custom state from the main process only, and streamed shards of unequal
+        length reach the end of a pass at different steps, so rank 0's positions are not the other
+        ranks'. Call this on every rank (with `gather_object`) just before `save_state`."""
+        if len(positions_by_rank) != self.world_size:
+            raise ValueError(f"got streamed positions of {len(positions_by_rank)} ranks, expected {self.world_size}")
+        self._positions_by_rank = [[list(p) for p in positions] for positions in positions_by_rank]
+
     def state_dict(self) -> dict[str, Any]:
+        by_rank = self._positions_by_rank
+        if by_rank is None or by_rank[self.rank] != self.streamed_positions():  # stale or never gathered
+            by_rank = [self.streamed_positions()] if self.world_size == 1 else None
         return {
             "epoch": self.epoch,
             "step": self.step,
@@ -333,14 +353,23 @@ class TrainStreams:
             "batch_size": self.batch_size,
             "world_size": self.world_size,
             "steps_per_epoch": self.steps_per_epoch,
-            "streamed_positions": [list(p) for p in self._pool_start],
+            "streamed_positions": self.streamed_positions(),
+            "streamed_positions_by_rank": by_rank,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key in ("seed", "batch_size", "world_size", "steps_per_epoch"):
             if state.get(key) != getattr(self, key):
                 raise ValueError(f"TrainStreams state: {key} was {state.get(key)} when saved, is {getattr(self, key)} now")
-        positions = [tuple(p) for p in state.get("streamed_positions", [])]
+        by_rank = state.get("streamed_positions_by_rank")
+        if by_rank is None and self._pools and self.world_size > 1:
+            warnings.warn(
+                "TrainStreams state holds rank 0's streamed positions only (saved without "
+                "set_positions_of_all_ranks); the other ranks resume from rank 0's position, which may "
+                "repeat or skip a few unlabeled records after a pass boundary",
+                stacklevel=2,
+            )
+        positions = [tuple(p) for p in (by_rank[self.rank] if by_rank else state.get("streamed_positions", []))]
         if len(positions) != len(self._pools):
             raise ValueError("TrainStreams state: saved with a different unlabeled source (streamed vs map-style)")
         self.close()
