@@ -35,6 +35,13 @@ class CPSTrainingConfig:
     crop_size: int = field(default=512, metadata={"help": "Random crop size for training."})
     scales: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.5, 1.75, 2.0], metadata={"help": "Random scale choices (the original's list)."})
     num_workers: int = field(default=4, metadata={"help": "DataLoader workers per stream."})
+    unlabeled_stream: str | None = field(
+        default=None,
+        metadata={"help": "Extra unlabeled pool read as a stream (never downloaded whole): a Hub dataset id, a "
+                  "local dataset folder, or parquet files (path or glob). Usually needs --unlabeled_length."},
+    )
+    unlabeled_stream_split: str = field(default="train", metadata={"help": "Split of --unlabeled_stream."})
+    unlabeled_stream_image_column: str = field(default="image", metadata={"help": "Image column of --unlabeled_stream."})
     unlabeled_length: int | None = field(
         default=None,
         metadata={"help": "Samples per epoch of a streamed unlabeled pool that does not report its size (--dataset hub)."},
@@ -101,6 +108,10 @@ class CPSTrainingConfig:
             raise ValueError(f"cps_weight must be >= 0, got {self.cps_weight}")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/cps-voc-r101-1-8)")
+        if self.unlabeled_stream and self.unlabeled_extra:
+            raise ValueError("give --unlabeled_extra (a split or protocol) or --unlabeled_stream, not both")
+        if self.unlabeled_length is not None and self.unlabeled_length < 1:
+            raise ValueError(f"unlabeled_length must be >= 1, got {self.unlabeled_length}")
         for name in ("per_device_train_batch_size", "crop_size", "gradient_accumulation_steps", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -27,7 +27,13 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from cps_hf.data import EvalTransform, TrainStreams, TrainTransform, build_datasets  # noqa: E402
+from cps_hf.data import (  # noqa: E402
+    EvalTransform,
+    TrainStreams,
+    TrainTransform,
+    build_datasets,
+    load_unlabeled_stream,
+)
 from cps_hf.hub import build_model_card, export_model, push_model  # noqa: E402
 from cps_hf.inference import TransformedDataset, evaluate_model  # noqa: E402
 from cps_hf.losses import OhemCrossEntropy, cross_entropy  # noqa: E402
@@ -110,9 +116,13 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator.wait_for_everyone()
 
     # ---- data ------------------------------------------------------------------------------
+    unlabeled_extra = args.unlabeled_extra
+    if args.unlabeled_stream:
+        unlabeled_extra = load_unlabeled_stream(args.unlabeled_stream, args.unlabeled_stream_split,
+                                                args.unlabeled_stream_image_column)
     bundle = build_datasets(
         args.dataset, args.data_root, args.labeled, seed=args.seed, train_split=args.train_split,
-        val_split=args.val_split, unlabeled_extra=args.unlabeled_extra,
+        val_split=args.val_split, unlabeled_extra=unlabeled_extra,
     )
     method = build_method(
         args.method,

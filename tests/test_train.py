@@ -3,6 +3,7 @@ resume, two CPU processes under `accelerate launch`, and the config/flag contrac
 
 import importlib.util
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -186,6 +187,43 @@ def test_two_cpu_processes_stay_in_sync(demo_root, tmp_path):
     results = json.loads((out / "all_results.json").read_text())
     assert results["num_processes"] == 2 and results["final_step"] == 3
     assert [r["step"] for r in _read_log(out) if "loss" in r] == [1, 2, 3]
+
+
+def _launch_two_cpu_processes(args, timeout=300):
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), *args]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    rank_lines = [line for line in completed.stderr.splitlines() if line.startswith("[rank")]
+    assert completed.returncode == 0, "\n".join(rank_lines[-60:]) or completed.stderr[-3000:]
+
+
+def test_streamed_pool_two_processes_resume_exactly(demo_root, tmp_path):
+    """--unlabeled_stream (parquet read as a stream) under 2 CPU processes: a run stopped after
+    step 3 and resumed ends with the weights of an uninterrupted run, although the two ranks'
+    shards (6 and 5 records) were at different points of their passes when the checkpoint was written."""
+    import datasets as hf_datasets
+    from PIL import Image
+
+    pool = hf_datasets.Dataset.from_dict({"image": [Image.new("RGB", (52, 40), (30 * i, 90, 200 - 20 * i))
+                                                    for i in range(7)]})
+    for shard in range(3):
+        pool.shard(3, shard, contiguous=True).to_parquet(tmp_path / f"pool{shard}.parquet")
+    common = ("--method", "cps", "--labeled", "36", "--unlabeled_stream", f"{tmp_path}/pool*.parquet",
+              "--unlabeled_length", "11", "--max_train_steps", "5", "--checkpointing_steps", "3")
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    _launch_two_cpu_processes([*tiny_args(demo_root, straight), *common])
+    _launch_two_cpu_processes([*tiny_args(demo_root, interrupted), *common])
+    state = torch.load(interrupted / "step_3" / "custom_checkpoint_0.pkl", weights_only=False)
+    by_rank = state["streamed_positions_by_rank"]
+    assert len(by_rank) == 2 and by_rank[0] != by_rank[1]  # rank 0's position alone would be wrong for rank 1
+    shutil.rmtree(interrupted / "model")
+    (interrupted / "all_results.json").unlink()
+    _launch_two_cpu_processes([*tiny_args(demo_root, interrupted), *common, "--resume_from_checkpoint", "latest"])
+    results = [json.loads((folder / "all_results.json").read_text()) for folder in (straight, interrupted)]
+    assert results[1]["final_step"] == 5 and results[1]["num_unlabeled"] == "streamed"
+    assert results[1]["parameter_fingerprint"] == results[0]["parameter_fingerprint"]
 
 
 def test_unknown_flags_and_fields_are_refused(tmp_path, capsys):

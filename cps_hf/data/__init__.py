@@ -18,7 +18,14 @@ from .classes import (
 )
 from .demo import DEMO_CLASSES, make_demo_voc
 from .errors import DatasetError
-from .loaders import class_spec_of, load_cityscapes, load_hub_dataset, load_image_folder, load_voc
+from .loaders import (
+    class_spec_of,
+    load_cityscapes,
+    load_hub_dataset,
+    load_image_folder,
+    load_unlabeled_stream,
+    load_voc,
+)
 from .partitions import split_labeled
 from .protocols import available_protocols, get_protocol, read_id_list
 from .streams import TrainStreams
@@ -44,6 +51,7 @@ __all__ = [
     "get_protocol",
     "load_cityscapes",
     "load_hub_dataset",
+    "load_unlabeled_stream",
     "load_image_folder",
     "load_voc",
     "make_demo_voc",

@@ -239,3 +239,17 @@ def load_hub_dataset(
     if classes and not streaming:
         ds.info.description = json.dumps({_SPEC_KEY: {"names": list(classes), "ignore_index": IGNORE_INDEX, "palette": None}})
     return ds
+
+
+def load_unlabeled_stream(source: str, split: str = "train", image_column: str = "image"):
+    """An extra unlabeled pool read as a stream (an IterableDataset of image and id).
+
+    `source`: parquet files (a path or glob ending in .parquet), a local dataset folder (an
+    imagefolder tree or files `datasets` recognises), or a Hub dataset id. Pools this large rarely
+    report their size: pass the samples per epoch to TrainStreams as `unlabeled_length`.
+    """
+    kwargs = {"label_column": None, "image_column": image_column, "streaming": True}
+    if source.endswith(".parquet") or any(char in source for char in "*?["):
+        return load_hub_dataset("parquet", split, data_files=source, **kwargs)
+    return load_hub_dataset(source, split, **kwargs)
+
