@@ -1,0 +1,42 @@
+#!/usr/bin/env python
+"""Write VOC 2012's train_aug labels (SegmentationClassAug, 10,582 ids) from the SBD release.
+
+Needs the two official archives, unpacked: VOCtrainval_11-May-2012.tar (VOCdevkit/VOC2012) and
+SBD's benchmark.tgz (benchmark_RELEASE). No SegmentationClassAug.zip download is needed.
+
+    python scripts/prepare_voc_aug.py --voc_root data/VOCdevkit --sbd_root data/benchmark_RELEASE
+    python scripts/check_dataset.py --dataset voc --root data/VOCdevkit --splits train_aug val
+
+Ids labelled by both take VOC 2012's label unless `--prefer sbd`. Prints a JSON report; exits
+with status 1 and names the files when a train_aug id ends without an image or a label.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from cps_hf.data import DatasetError
+from cps_hf.data.voc_aug import build_voc_aug
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--voc_root", required=True, help="folder holding VOCdevkit, VOCdevkit, or VOC2012")
+    parser.add_argument("--sbd_root", required=True, help="benchmark_RELEASE (or its dataset/cls folder)")
+    parser.add_argument("--prefer", choices=["voc", "sbd"], default="voc", help="label source for ids in both")
+    parser.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1))
+    args = parser.parse_args(argv)
+    try:
+        report = build_voc_aug(args.voc_root, args.sbd_root, prefer=args.prefer, num_workers=args.num_workers)
+    except DatasetError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from error
+    print(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
