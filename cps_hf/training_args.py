@@ -99,6 +99,11 @@ class CPSTrainingConfig:
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "A step_N folder, or 'latest'."})
     output_dir: str = "outputs/cps"
     report_to: str = field(default="tensorboard", metadata={"help": "accelerate trackers: tensorboard, wandb, all, none (tensorboard is skipped if not installed)."})
+    save_best_model: bool = field(
+        default=False,
+        metadata={"help": "Also export the best-evaluated network to model_best/ (the original reports the best of its "
+                  "last checkpoints: a choice made on the val split, so say so when you report it)."},
+    )
     push_to_hub: bool = False
     hub_model_id: str | None = None
     hub_token: str | None = None

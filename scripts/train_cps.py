@@ -201,6 +201,17 @@ def main(argv: list[str] | None = None) -> dict:
         )  # evaluate_model restores the network's training mode
         return {f"eval_{key}": value for key, value in results.items()}
 
+    def export_network(folder: Path, results: dict) -> None:
+        """Network 1 (the one the paper evaluates) as a pipeline-ready folder with its model card."""
+        if not accelerator.is_main_process:
+            return
+        card = build_model_card(
+            accelerator.unwrap_model(networks[0]).config, results=results, dataset_name=args.dataset,
+            dataset_type=args.dataset, protocol=args.labeled, method=args.method, backbone=args.backbone,
+            split=args.val_split, training_args=args.to_dict(), repo_id=args.hub_model_id,
+        )
+        export_model(accelerator.unwrap_model(networks[0]), folder, card=card)
+
     # ---- loop ------------------------------------------------------------------------------
     for network in networks:
         network.train()
@@ -244,7 +255,8 @@ def main(argv: list[str] | None = None) -> dict:
         pause_start = time.perf_counter()  # evaluation and checkpoints do not count against throughput
         if args.eval_steps and progress.step % args.eval_steps == 0 and progress.step < max_train_steps:
             latest_eval = run_evaluation()
-            progress.update_best(latest_eval["eval_mean_iou"], progress.step)
+            if progress.update_best(latest_eval["eval_mean_iou"], progress.step) and args.save_best_model:
+                export_network(output_dir / "model_best", latest_eval)
             scalars = eval_scalars(latest_eval, bundle.class_names)
             accelerator.log(scalars, step=progress.step)
             log.write({"step": progress.step, **scalars})
@@ -260,7 +272,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- evaluation ------------------------------------------------------------------------
     final = run_evaluation()
-    progress.update_best(final["eval_mean_iou"], progress.step)
+    if progress.update_best(final["eval_mean_iou"], progress.step) and args.save_best_model:
+        export_network(output_dir / "model_best", final)
     fingerprints = gather_object([parameter_fingerprint([accelerator.unwrap_model(n) for n in networks])])
     in_sync = len(set(fingerprints)) == 1
     if not in_sync:
@@ -286,13 +299,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- save and push ---------------------------------------------------------------------
     accelerator.wait_for_everyone()
+    export_network(output_dir / "model", final)
     if accelerator.is_main_process:
-        card = build_model_card(
-            accelerator.unwrap_model(networks[0]).config, results=final, dataset_name=args.dataset,
-            dataset_type=args.dataset, protocol=args.labeled, method=args.method, backbone=args.backbone,
-            split=args.val_split, training_args=args.to_dict(), repo_id=args.hub_model_id,
-        )
-        export_model(accelerator.unwrap_model(networks[0]), output_dir / "model", card=card)
         (output_dir / "all_results.json").write_text(json.dumps(results, indent=2, default=jsonable))
         if args.push_to_hub:
             push_model(output_dir / "model", args.hub_model_id, token=args.hub_token)

@@ -107,6 +107,23 @@ def test_tiny_run_end_to_end(demo_root, tmp_path, method):
     assert {m["label"] for m in masks} <= set(DEMO_CLASSES)
 
 
+def test_save_best_model_exports_the_best_evaluated_network(demo_root, tmp_path):
+    from huggingface_hub import ModelCard
+
+    out = tmp_path / "best"
+    results = train_cps.main(tiny_args(demo_root, out, "--method", "cps", "--max_train_steps", "4",
+                                       "--eval_steps", "1", "--save_best_model"))
+    evals = {r["step"]: r["eval_mean_iou"] for r in _read_log(out) if "eval_mean_iou" in r}
+    best_step = max(evals, key=lambda step: (evals[step], -step))  # the first of equal bests
+    assert results["best_step"] == best_step and results["best_eval_mean_iou"] == pytest.approx(evals[best_step])
+    card = ModelCard.load(out / "model_best" / "README.md")
+    mean_iou = next(r.metric_value for r in card.data.eval_results if r.metric_type == "mean_iou")
+    assert mean_iou == pytest.approx(evals[best_step])
+    final_card = ModelCard.load(out / "model" / "README.md")
+    assert next(r.metric_value for r in final_card.data.eval_results if r.metric_type == "mean_iou") == pytest.approx(
+        evals[4])
+
+
 def test_supervised_baseline_trains_one_network(demo_root, tmp_path):
     out = tmp_path / "sup"
     train_cps.main(tiny_args(demo_root, out, "--method", "supervised", "--max_train_steps", "2",
