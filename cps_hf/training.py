@@ -9,6 +9,7 @@ import hashlib
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -104,16 +105,41 @@ def step_folders(output_dir: str | Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
+COMPLETE_MARKER = "checkpoint_complete.json"
+
+
+def mark_checkpoint_complete(path: str | Path, step: int) -> None:
+    """Written by the main process after every rank has finished `save_state`: a crash while
+    saving leaves a folder without it, which `find_checkpoint` and pruning then pass over."""
+    temporary = Path(path) / f".{COMPLETE_MARKER}.tmp"
+    temporary.write_text(json.dumps({"step": step}) + "\n")
+    temporary.replace(Path(path) / COMPLETE_MARKER)
+
+
+def complete_step_folders(output_dir: str | Path) -> list[Path]:
+    """The step_N folders whose save finished, oldest first. Folders from before completion markers
+    existed count as complete when no folder has a marker."""
+    folders = step_folders(output_dir)
+    marked = [path for path in folders if (path / COMPLETE_MARKER).is_file()]
+    return marked if marked else folders
+
+
 def find_checkpoint(output_dir: str | Path, resume: str) -> Path:
-    """`resume` is a step_N folder or "latest" (the highest step_N in output_dir)."""
+    """`resume` is a step_N folder or "latest" (the highest completely saved step_N in output_dir)."""
     if resume != "latest":
         path = Path(resume)
         if not path.is_dir():
             raise FileNotFoundError(f"--resume_from_checkpoint {resume}: no such checkpoint folder")
+        if not (path / COMPLETE_MARKER).is_file() and complete_step_folders(path.parent) != step_folders(path.parent):
+            raise ValueError(f"--resume_from_checkpoint {resume}: its save did not finish (no {COMPLETE_MARKER})")
         return path
-    candidates = step_folders(output_dir)
+    candidates = complete_step_folders(output_dir)
     if not candidates:
-        raise FileNotFoundError(f"--resume_from_checkpoint latest: no step_N folder in {output_dir}")
+        raise FileNotFoundError(f"--resume_from_checkpoint latest: no completely saved step_N folder in {output_dir}")
+    unfinished = [path.name for path in step_folders(output_dir) if checkpoint_step(path) > checkpoint_step(candidates[-1])]
+    if unfinished:
+        warnings.warn(f"skipping checkpoint folder(s) {unfinished} in {output_dir}: their save did not finish; "
+                      f"resuming from {candidates[-1].name}", stacklevel=2)
     return candidates[-1]
 
 
@@ -125,10 +151,18 @@ def checkpoint_step(path: Path) -> int:
 
 
 def prune_checkpoints(output_dir: str | Path, keep: int | None) -> None:
+    """Keep the newest `keep` completely saved checkpoints; drop older ones and unfinished saves
+    older than the newest complete one."""
     if not keep:
         return
-    for path in step_folders(output_dir)[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)
+    complete = complete_step_folders(output_dir)
+    if not complete:
+        return
+    kept = set(complete[-keep:])
+    newest = checkpoint_step(complete[-1])
+    for path in step_folders(output_dir):
+        if path not in kept and checkpoint_step(path) < newest:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def mean_logs(records: list[dict[str, float]]) -> dict[str, float]:

@@ -50,6 +50,7 @@ from cps_hf.training import (  # noqa: E402
     find_checkpoint,
     freeze_unreachable_parameters,
     jsonable,
+    mark_checkpoint_complete,
     maybe_convert_sync_batchnorm,
     mean_logs,
     model_config_from_args,
@@ -265,7 +266,9 @@ def main(argv: list[str] | None = None) -> dict:
         if args.checkpointing_steps and progress.step % args.checkpointing_steps == 0:
             streams.set_positions_of_all_ranks(gather_object([streams.streamed_positions()]))  # saved by rank 0
             accelerator.save_state(str(output_dir / f"step_{progress.step}"))
+            accelerator.wait_for_everyone()  # every rank's files are written before the folder counts
             if accelerator.is_main_process:
+                mark_checkpoint_complete(output_dir / f"step_{progress.step}", progress.step)
                 prune_checkpoints(output_dir, args.checkpoints_total_limit)
         window_start += time.perf_counter() - pause_start
     bar.close()

@@ -175,8 +175,7 @@ def test_resume_mid_run_matches_an_uninterrupted_run(demo_root, tmp_path, monkey
     interrupted = tmp_path / "interrupted"
     train_cps.main(tiny_args(demo_root, interrupted, *common[:-2], "--checkpointing_steps", "2"))
     # Simulate a crash after step 2: drop what came later, then resume from the latest checkpoint.
-    import shutil
-
+    assert (interrupted / "step_2" / "checkpoint_complete.json").is_file()
     shutil.rmtree(interrupted / "step_4")
     shutil.rmtree(interrupted / "model")
     resumed = train_cps.main(tiny_args(demo_root, interrupted, *common, "--resume_from_checkpoint", "latest"))
@@ -214,6 +213,26 @@ def _launch_two_cpu_processes(args, timeout=300):
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     rank_lines = [line for line in completed.stderr.splitlines() if line.startswith("[rank")]
     assert completed.returncode == 0, "\n".join(rank_lines[-60:]) or completed.stderr[-3000:]
+
+
+def test_unfinished_checkpoint_saves_are_passed_over(tmp_path):
+    """A crash while saving leaves step_N without its completion marker: resume takes the newest
+    complete folder (and says which it skipped), pruning never counts or keeps unfinished ones."""
+    from cps_hf.training import COMPLETE_MARKER, find_checkpoint, mark_checkpoint_complete, prune_checkpoints
+
+    for step in (2, 4, 6, 8):
+        (tmp_path / f"step_{step}").mkdir()
+        (tmp_path / f"step_{step}" / "model.safetensors").write_bytes(b"weights")
+    for step in (2, 4, 6):
+        mark_checkpoint_complete(tmp_path / f"step_{step}", step)
+    (tmp_path / "step_3").mkdir()  # an older crash, never marked
+    with pytest.warns(UserWarning, match=r"step_8.*resuming from step_6"):
+        assert find_checkpoint(tmp_path, "latest") == tmp_path / "step_6"
+    with pytest.raises(ValueError, match="did not finish"):
+        find_checkpoint(tmp_path, str(tmp_path / "step_8"))
+    prune_checkpoints(tmp_path, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_4", "step_6", "step_8"]  # step_8 may still be written
+    assert (tmp_path / "step_6" / COMPLETE_MARKER).is_file()
 
 
 def test_streamed_pool_two_processes_resume_exactly(demo_root, tmp_path):
