@@ -393,6 +393,9 @@ def export_model(
     return output_dir
 
 
+_MISSING = object()  # "the object had no auto_map of its own"
+
+
 @contextmanager
 def _auto_classes_registered(enabled: bool, *saved_objects):
     """transformers writes `auto_map` and copies a class's source on save only while the class is
@@ -415,9 +418,6 @@ def _auto_classes_registered(enabled: bool, *saved_objects):
                 obj.__dict__.pop("auto_map", None)
             else:
                 obj.auto_map = value
-
-
-_MISSING = object()
 
 
 # ---------------------------------------------------------------------------------------------

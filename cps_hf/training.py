@@ -130,7 +130,8 @@ def find_checkpoint(output_dir: str | Path, resume: str) -> Path:
         path = Path(resume)
         if not path.is_dir():
             raise FileNotFoundError(f"--resume_from_checkpoint {resume}: no such checkpoint folder")
-        if not (path / COMPLETE_MARKER).is_file() and complete_step_folders(path.parent) != step_folders(path.parent):
+        run_uses_markers = any((folder / COMPLETE_MARKER).is_file() for folder in step_folders(path.parent))
+        if run_uses_markers and not (path / COMPLETE_MARKER).is_file():
             raise ValueError(f"--resume_from_checkpoint {resume}: its save did not finish (no {COMPLETE_MARKER})")
         return path
     candidates = complete_step_folders(output_dir)

@@ -188,24 +188,8 @@ def test_resume_mid_run_matches_an_uninterrupted_run(demo_root, tmp_path, monkey
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_two_cpu_processes_stay_in_sync(demo_root, tmp_path):
-    """`accelerate launch --multi_gpu --num_processes 2` on CPU (gloo): both ranks end with identical
-    weights (the script checks parameter fingerprints across ranks), and the step count is right."""
-    out = tmp_path / "ddp"
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "CUDA_VISIBLE_DEVICES": ""}  # a CPU (gloo) run on GPU machines too
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT),
-               *tiny_args(demo_root, out, "--method", "cps", "--max_train_steps", "3")]
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    rank_lines = [line for line in completed.stderr.splitlines() if line.startswith("[rank")]
-    assert completed.returncode == 0, "\n".join(rank_lines[-60:]) or completed.stderr[-3000:]
-    results = json.loads((out / "all_results.json").read_text())
-    assert results["num_processes"] == 2 and results["final_step"] == 3
-    assert [r["step"] for r in _read_log(out) if "loss" in r] == [1, 2, 3]
-
-
 def _launch_two_cpu_processes(args, timeout=300):
+    """Two gloo processes on the CPU (GPU machines too); fails with each rank's error lines."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "CUDA_VISIBLE_DEVICES": ""}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -213,6 +197,16 @@ def _launch_two_cpu_processes(args, timeout=300):
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     rank_lines = [line for line in completed.stderr.splitlines() if line.startswith("[rank")]
     assert completed.returncode == 0, "\n".join(rank_lines[-60:]) or completed.stderr[-3000:]
+
+
+def test_two_cpu_processes_stay_in_sync(demo_root, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on CPU (gloo): both ranks end with identical
+    weights (the script checks parameter fingerprints across ranks), and the step count is right."""
+    out = tmp_path / "ddp"
+    _launch_two_cpu_processes(tiny_args(demo_root, out, "--method", "cps", "--max_train_steps", "3"))
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["num_processes"] == 2 and results["final_step"] == 3
+    assert [r["step"] for r in _read_log(out) if "loss" in r] == [1, 2, 3]
 
 
 def test_unfinished_checkpoint_saves_are_passed_over(tmp_path):
