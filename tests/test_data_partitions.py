@@ -27,7 +27,10 @@ def _check_partition(full, labeled, unlabeled):
     return lab, unl
 
 
-@pytest.mark.parametrize("amount, expected", [(0.125, 1323), ("1/16", 662), ("1-4", 2646), (0.5, 5291), (92, 92)])
+# Strings are what the command line gives: "--labeled 0.125" must work like the YAML float.
+@pytest.mark.parametrize(
+    "amount, expected", [(0.125, 1323), ("0.125", 1323), ("1/16", 662), ("1-4", 2646), (0.5, 5291), (".5", 5291), (92, 92)]
+)
 def test_counts_and_fractions_give_published_sizes(voc_train_aug, amount, expected):
     labeled, unlabeled = split_labeled(voc_train_aug, amount, seed=0)
     lab, unl = _check_partition(voc_train_aug, labeled, unlabeled)
@@ -78,7 +81,7 @@ def test_list_files_ids_and_errors(tmp_path):
     labeled, unlabeled = split_labeled(full, str(tmp_path / "l.txt"))
     assert labeled["id"] == ["img3", "img5"] and len(unlabeled) == 8
     assert split_labeled(full, ["img1"])[0]["id"] == ["img1"]
-    for bad in (0, 11, 1.5, "cps/voc/1-3", str(tmp_path / "none.txt")):
+    for bad in (0, 11, 1.5, "1.5", "0.0", "cps/voc/1-3", str(tmp_path / "none.txt")):
         with pytest.raises(DatasetError):
             split_labeled(full, bad)
 

@@ -21,6 +21,7 @@ from .errors import DatasetError
 from .protocols import PROTOCOLS, get_protocol, read_id_list
 
 _FRACTION = re.compile(r"^\s*(\d+)\s*[/-]\s*(\d+)\s*$")
+_DECIMAL = re.compile(r"^\s*\d*\.\d+\s*$")
 
 
 def _indices_of(ids: Sequence[str], wanted: Sequence[str], source: str, dataset_ids: list[str]) -> list[int]:
@@ -48,6 +49,8 @@ def _parse_amount(labeled, total: int) -> int | None:
         return _parse_amount(Fraction(int(match.group(1)), int(match.group(2))), total)
     elif isinstance(labeled, str) and labeled.strip().isdigit():
         count = int(labeled)
+    elif isinstance(labeled, str) and _DECIMAL.match(labeled):  # "0.125" from the command line
+        return _parse_amount(float(labeled), total)
     else:
         return None
     if not 0 < count <= total:
