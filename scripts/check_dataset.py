@@ -3,7 +3,8 @@
 
 Decodes every image and label of the chosen splits and reports each problem (missing,
 truncated or undecodable file, image/label size mismatch, label values outside the classes):
-all of them, not just the first. Exit status 1 when any problem was found.
+all of them, not just the first. Exit status 1 when any problem was found. Each record first gets
+the header-only checks that training runs up front (cps_hf.data.preflight), then a full decode.
 
     python scripts/check_dataset.py --dataset voc --root data/ --splits train_aug val
     python scripts/check_dataset.py --dataset folder --root my_data/ --splits train val
@@ -12,27 +13,32 @@ all of them, not just the first. Exit status 1 when any problem was found.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-import datasets
 import numpy as np
 
 from cps_hf.data import DatasetError, class_spec_of, load_cityscapes, load_image_folder, load_voc
-from cps_hf.data.validation import decode_pair
+from cps_hf.data.preflight import map_records
+from cps_hf.data.validation import decode_pair, header_problems
 
 LOADERS = {"voc": load_voc, "cityscapes": load_cityscapes, "folder": load_image_folder}
 DEFAULT_SPLITS = {"voc": ["train", "val"], "cityscapes": ["train", "val"], "folder": ["train", "val"]}
 
 
-def check_sample(record: dict, num_classes: int) -> tuple[np.ndarray | None, str | None]:
+def check_sample(record: dict, num_classes: int) -> tuple[np.ndarray | None, list[str]]:
+    """(label histogram, problems): header checks name every bad file, the decode the rest."""
+    found = header_problems(record)
+    if found:
+        return None, [f"{file}: {problem}" for file, problem in found]
     try:
         _, label = decode_pair(record, num_classes)
     except DatasetError as err:
-        return None, str(err)
+        return None, [str(err)]
     if label is None:
-        return None, None
-    return np.bincount(label.ravel(), minlength=256), None
+        return None, []
+    return np.bincount(label.ravel(), minlength=256), []
 
 
 def check_split(dataset: str, root: str, split: str, workers: int) -> tuple[int, list[str]]:
@@ -42,14 +48,12 @@ def check_split(dataset: str, root: str, split: str, workers: int) -> tuple[int,
         print(f"[{split}] cannot load: {err}")
         return 0, [str(err)]
     spec = class_spec_of(ds)
-    raw = ds.cast_column("image", datasets.Image(decode=False)).cast_column("label", datasets.Image(decode=False))
     counts = np.zeros(256, np.int64)
     problems = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for hist, problem in pool.map(lambda i: check_sample(raw[i], len(spec.names)), range(len(raw))):
-            if problem:
-                problems.append(problem)
-            elif hist is not None:
+        for _, _, (hist, found) in map_records(ds, functools.partial(check_sample, num_classes=len(spec.names)), pool):
+            problems += found
+            if hist is not None:
                 counts += hist
     print(f"\n[{split}] {len(ds)} samples, {len(problems)} problem(s)")
     total = counts.sum()

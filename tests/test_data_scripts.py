@@ -39,9 +39,11 @@ def test_check_dataset_reports_all_problems(tmp_path, capsys):
     Image.fromarray(np.full((32, 32), 9, np.uint8)).save(voc / "SegmentationClass" / "demo_000006.png")
     data = (voc / "JPEGImages" / "demo_000007.jpg").read_bytes()
     (voc / "JPEGImages" / "demo_000007.jpg").write_bytes(data[:100])
+    (voc / "SegmentationClass" / "demo_000007.png").write_bytes(b"")  # both files of one sample are named
     assert check.main(["--dataset", "voc", "--root", str(tmp_path), "--splits", "val"]) == 1
     out = capsys.readouterr().out
     assert "demo_000006.png: label values [9]" in out and "demo_000007.jpg: truncated JPEG" in out
+    assert "demo_000007.png: empty file (0 bytes)" in out and "3 problem(s) in total" in out
 
 
 # ---------------------------------------------------------------- prepare_voc_aug (SBD -> train_aug)

@@ -1,8 +1,9 @@
 """Data for cps_hf: loaders, partition protocols, the paper's transforms and training streams.
 
 Loaders return `datasets.Dataset`s with columns image (RGB), label (class indices) and id;
-`build_datasets` partitions them; `TrainStreams` turns them into the infinite, resumable,
-sharded labeled + unlabeled batches the trainer consumes.
+`build_datasets` partitions them; `preflight_check` checks every file of them up front;
+`TrainStreams` turns them into the infinite, resumable, sharded labeled + unlabeled batches the
+trainer consumes.
 """
 
 from .bundle import DatasetBundle, build_datasets
@@ -27,6 +28,7 @@ from .loaders import (
     load_voc,
 )
 from .partitions import split_labeled
+from .preflight import preflight_check
 from .protocols import available_protocols, get_protocol, read_id_list
 from .streams import TrainStreams
 from .transforms import PAPER_SCALES, EvalTransform, TrainTransform
@@ -55,6 +57,7 @@ __all__ = [
     "load_image_folder",
     "load_voc",
     "make_demo_voc",
+    "preflight_check",
     "read_classes_json",
     "read_id_list",
     "split_labeled",

@@ -4,6 +4,9 @@ Training decodes records itself (datasets' `Image(decode=False)` gives `{"path",
 so every failure can say which file broke, and so images go through OpenCV, which decodes
 and converts faster than PIL (see benchmarks/loader_throughput.py). Labels go through PIL:
 OpenCV expands palette PNGs to colours, PIL keeps the class indices.
+
+`header_problems` is the cheap form of the same checks (file present, header, end marker,
+sizes, label mode) that the up-front data check (preflight.py) runs on every record.
 """
 
 from __future__ import annotations
@@ -18,6 +21,10 @@ from PIL import ExifTags, Image, ImageOps
 
 from .classes import IGNORE_INDEX
 from .errors import DatasetError
+
+LABEL_MODES = ("P", "L", "I", "I;16", "I;16B", "I;16L")
+_TAIL_BYTES = 64  # end markers are looked for in this many trailing bytes (some writers pad)
+_HEAD_BYTES = 16
 
 
 def record_name(value: Any, fallback: str = "<in-memory image>") -> str:
@@ -46,6 +53,24 @@ def _read_bytes(value: Any, name: str) -> bytes:
         raise DatasetError(f"{name}: cannot read file ({err})") from err
 
 
+def truncation_problem(head: bytes, tail: bytes, size: int) -> str | None:
+    """What the first and last bytes of a file say about truncation (None: looks complete).
+
+    OpenCV fills a truncated JPEG with grey and carries on, so its end marker is checked here;
+    a PNG without its IEND chunk (OpenCV refuses those), a WebP or BMP shorter than its header
+    declares are truncated too. Other formats are not checked.
+    """
+    if head[:2] == b"\xff\xd8" and b"\xff\xd9" not in tail:
+        return "truncated JPEG (no end-of-image marker)"
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and b"IEND" not in tail:
+        return "truncated PNG (no IEND chunk at the end)"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP" and size < int.from_bytes(head[4:8], "little") + 8:
+        return f"truncated WebP ({size} bytes, its header says {int.from_bytes(head[4:8], 'little') + 8})"
+    if head[:2] == b"BM" and size < int.from_bytes(head[2:6], "little"):
+        return f"truncated BMP ({size} bytes, its header says {int.from_bytes(head[2:6], 'little')})"
+    return None
+
+
 def decode_image(value: Any, name: str | None = None) -> np.ndarray:
     """Any image record (path, `{"path","bytes"}`, PIL, array) -> uint8 RGB array (H, W, 3).
 
@@ -59,9 +84,9 @@ def decode_image(value: Any, name: str | None = None) -> np.ndarray:
         array = np.asarray(value if value.mode == "RGB" else value.convert("RGB"))
     else:
         data = np.frombuffer(_read_bytes(value, name), dtype=np.uint8)
-        if data[:2].tobytes() == b"\xff\xd8" and b"\xff\xd9" not in data[-64:].tobytes():
-            # OpenCV fills a truncated JPEG with grey and carries on; refuse it instead.
-            raise DatasetError(f"{name}: truncated JPEG (no end-of-image marker)")
+        problem = truncation_problem(data[:_HEAD_BYTES].tobytes(), data[-_TAIL_BYTES:].tobytes(), data.size)
+        if problem:
+            raise DatasetError(f"{name}: {problem}")
         bgr = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
         if bgr is None:
             raise DatasetError(f"{name}: cannot decode image (truncated, empty or not an image file)")
@@ -91,11 +116,8 @@ def decode_label(value: Any, name: str | None = None) -> np.ndarray:
                 raise DatasetError(f"{name}: cannot decode label image ({err})") from err
             if image.getexif().get(ExifTags.Base.Orientation) is not None:
                 image = ImageOps.exif_transpose(image)
-        if image.mode not in ("P", "L", "I", "I;16", "I;16B", "I;16L"):
-            raise DatasetError(
-                f"{name}: label must be a class-index image (mode P or L), got mode {image.mode!r}; "
-                "colour-coded masks need converting to class indices first"
-            )
+        if image.mode not in LABEL_MODES:
+            raise DatasetError(f"{name}: {label_mode_problem(image.mode)}")
         array = np.asarray(image)
     if array.ndim != 2:
         raise DatasetError(f"{name}: label must be a single-channel class-index image, got shape {array.shape}")
@@ -106,11 +128,21 @@ def decode_label(value: Any, name: str | None = None) -> np.ndarray:
     return array
 
 
+def label_mode_problem(mode: str) -> str:
+    return (
+        f"label must be a class-index image (mode P or L), got mode {mode!r}; "
+        "colour-coded masks need converting to class indices first"
+    )
+
+
+def size_problem(image_size: tuple[int, int], label_size: tuple[int, int]) -> str:
+    """Message for an image/label pair of different (width, height)."""
+    return f"image is {image_size[0]}x{image_size[1]} but its label is {label_size[0]}x{label_size[1]} (WxH)"
+
+
 def check_same_size(image: np.ndarray, label: np.ndarray, name: str) -> None:
     if image.shape[:2] != label.shape:
-        raise DatasetError(
-            f"{name}: image is {image.shape[1]}x{image.shape[0]} but its label is {label.shape[1]}x{label.shape[0]} (WxH)"
-        )
+        raise DatasetError(f"{name}: {size_problem(image.shape[1::-1], label.shape[::-1])}")
 
 
 def check_label_values(label: np.ndarray, num_classes: int, name: str, ignore_index: int = IGNORE_INDEX) -> None:
@@ -139,3 +171,81 @@ def decode_pair(item: dict, num_classes: int | None = None) -> tuple[np.ndarray,
     if num_classes is not None:
         check_label_values(label, num_classes, label_name)
     return image, label
+
+
+# ---------------------------------------------------------------- header-only checks
+
+def _oriented_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) after EXIF orientation, as the decoders will see it, from the header."""
+    if image.format == "PNG" and "exif" not in image.info:
+        return image.size  # PIL's getexif would decode the whole PNG to look for a late eXIf
+    width, height = image.size
+    return (height, width) if image.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8) else (width, height)
+
+
+def _probe_file(handle, size: int) -> tuple[tuple[int, int], str]:
+    if size == 0:
+        raise DatasetError("empty file (0 bytes)")
+    head = handle.read(_HEAD_BYTES)
+    handle.seek(max(0, size - _TAIL_BYTES))
+    problem = truncation_problem(head, handle.read(), size)
+    if problem:
+        raise DatasetError(problem)
+    handle.seek(0)
+    try:
+        with Image.open(handle) as image:
+            return _oriented_size(image), image.mode
+    except Exception as err:  # PIL raises several types for bad headers
+        raise DatasetError(f"not a readable image ({err})") from err
+
+
+def _probe(value: Any) -> tuple[tuple[int, int], str]:
+    """(width, height) and mode of an image record, from its header and last bytes only."""
+    if isinstance(value, Image.Image):
+        return value.size, value.mode
+    if isinstance(value, np.ndarray):
+        return (value.shape[1], value.shape[0]), "L" if value.ndim == 2 else f"array of shape {value.shape}"
+    if isinstance(value, dict):
+        if value.get("bytes") is not None:
+            return _probe_file(io.BytesIO(value["bytes"]), len(value["bytes"]))
+        value = value.get("path")
+    if value is None:
+        raise DatasetError("record has neither 'bytes' nor 'path'")
+    try:
+        with open(value, "rb") as handle:
+            return _probe_file(handle, os.fstat(handle.fileno()).st_size)
+    except FileNotFoundError as err:
+        raise DatasetError("file not found") from err
+    except OSError as err:
+        raise DatasetError(f"cannot read file ({err})") from err
+
+
+def header_problems(item: dict, require_label: bool = False) -> list[tuple[str, str]]:
+    """(file, problem) pairs found from headers alone: the fast form of `decode_pair`'s checks.
+
+    Reads each file's header and first/last bytes, never its pixels, so it can run over a whole
+    dataset before training: presence, emptiness, truncation, header, image/label sizes, label
+    mode. Label values need the full decode (`decode_pair`, scripts/check_dataset.py).
+    """
+    sample = item.get("id", "?")
+    image_name = record_name(item["image"], fallback=f"image of sample {sample!r}")
+    problems, image_size, label_size = [], None, None
+    try:
+        image_size, _ = _probe(item["image"])
+    except DatasetError as err:
+        problems.append((image_name, str(err)))
+    raw_label = item.get("label")
+    if raw_label is None:
+        if require_label:
+            problems.append((image_name, f"sample {sample!r} has no label (labeled and val samples need one)"))
+        return problems
+    label_name = record_name(raw_label, fallback=f"label of sample {sample!r}")
+    try:
+        label_size, mode = _probe(raw_label)
+        if mode not in LABEL_MODES:
+            problems.append((label_name, label_mode_problem(mode)))
+    except DatasetError as err:
+        problems.append((label_name, str(err)))
+    if image_size and label_size and image_size != label_size:
+        problems.append((label_name, size_problem(image_size, label_size)))
+    return problems
