@@ -2,10 +2,11 @@
 
 Importing the package registers the config, model and image processor with transformers' Auto
 classes, so `AutoModelForSemanticSegmentation.from_pretrained(dir)` and
-`pipeline("image-segmentation", model=dir)` work on exported CPS models.
+`pipeline("image-segmentation", model=dir)` work on exported CPS models: no prompt, no warning.
 """
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModelForSemanticSegmentation
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForSemanticSegmentation, AutoVideoProcessor
+from transformers.models.auto import modeling_auto
 
 from .configuration_cps import CPSConfig
 from .image_processing_cps import CPSImageProcessor
@@ -13,8 +14,28 @@ from .modeling_cps import CPSForSemanticSegmentation, CPSPreTrainedModel
 
 __version__ = "0.1.0"
 
-AutoConfig.register(CPSConfig.model_type, CPSConfig, exist_ok=True)
-AutoModelForSemanticSegmentation.register(CPSConfig, CPSForSemanticSegmentation, exist_ok=True)
-AutoImageProcessor.register(CPSConfig, image_processor_classes={"torchvision": CPSImageProcessor}, exist_ok=True)
+
+def _register_auto_classes() -> None:
+    """The Auto classes that `from_pretrained` and `pipeline("image-segmentation")` consult.
+
+    Two entries go beyond the obvious three, both for the pipeline on an export with `auto_map`:
+    - "no video processor": the pipeline also probes `AutoVideoProcessor`, which derives a remote
+      `image_processing_cps.CPSVideoProcessor` from the image processor's `auto_map`; with nothing
+      local registered for CPSConfig it asks "run the custom code? [y/N]" and waits 15 s in a
+      terminal. An empty registration makes the local answer "none" (no prompt, no remote code).
+    - the semantic-segmentation names table: the image-segmentation pipeline checks the model class
+      against a merged copy of these tables that loses registered models, and logs "not supported".
+      Entries whose model type has no built-in config are invisible to the Auto classes themselves.
+    """
+    AutoConfig.register(CPSConfig.model_type, CPSConfig, exist_ok=True)
+    AutoModelForSemanticSegmentation.register(CPSConfig, CPSForSemanticSegmentation, exist_ok=True)
+    AutoImageProcessor.register(CPSConfig, image_processor_classes={"torchvision": CPSImageProcessor}, exist_ok=True)
+    AutoVideoProcessor.register(CPSConfig, video_processor_classes={}, exist_ok=True)
+    modeling_auto.MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES.setdefault(
+        CPSConfig.model_type, CPSForSemanticSegmentation.__name__
+    )
+
+
+_register_auto_classes()
 
 __all__ = ["CPSConfig", "CPSForSemanticSegmentation", "CPSPreTrainedModel", "CPSImageProcessor", "__version__"]

@@ -45,6 +45,11 @@ class CPSConfig(PreTrainedConfig):
     backbone_pretrained_source (`str`, *optional*):
         Provenance only: where the backbone weights came from when training started (a timm
         pretrained tag or a file name). Never used to download anything.
+    eval_protocol (`dict`, *optional*):
+        The inference protocol the trainer scored this network with: `{"mode": "whole" | "slide",
+        "crop_size": int | None, "stride": int | None}` (single scale, no flip). `evaluate_cps.py`
+        uses it by default, so the same model gives the trainer's numbers. `None` (exports made
+        before it was recorded, or models not trained by cps_hf): the dataset's default protocol.
     """
 
     model_type = "cps_deeplabv3plus"
@@ -64,6 +69,7 @@ class CPSConfig(PreTrainedConfig):
     norm_momentum: float = 0.1
     semantic_loss_ignore_index: int = 255
     backbone_pretrained_source: str | None = None
+    eval_protocol: dict | None = None
 
     def validate_architecture(self):
         """Fail early, naming the field, instead of deep inside timm or a conv layer."""
@@ -78,6 +84,23 @@ class CPSConfig(PreTrainedConfig):
             )
         if self.num_labels < 1:
             raise ValueError(f"CPSConfig.num_labels must be positive, got {self.num_labels}")
+
+    def validate_eval_protocol(self):
+        """evaluate_cps.py evaluates with this by default: a malformed one must fail at load, not mid-evaluation."""
+        protocol = self.eval_protocol
+        if protocol is None:
+            return
+        where = "CPSConfig.eval_protocol (config.json)"
+        if set(protocol) != {"mode", "crop_size", "stride"}:
+            raise ValueError(f"{where} needs exactly the keys crop_size, mode, stride; got {sorted(protocol)}")
+        if protocol["mode"] not in ("whole", "slide"):
+            raise ValueError(f"{where}['mode'] must be 'whole' or 'slide', got {protocol['mode']!r}")
+        for key in ("crop_size", "stride"):
+            value = protocol[key]
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{where}[{key!r}] must be a positive integer or null, got {value!r}")
+        if protocol["mode"] == "slide" and None in (protocol["crop_size"], protocol["stride"]):
+            raise ValueError(f"{where}: mode 'slide' needs a crop_size and a stride, got {protocol}")
 
 
 __all__ = ["CPSConfig"]

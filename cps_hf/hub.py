@@ -22,6 +22,7 @@ from transformers import PreTrainedModel
 
 from .configuration_cps import CPSConfig
 from .image_processing_cps import CPSImageProcessor
+from .inference import describe_protocol, model_eval_protocol
 from .modeling_cps import CPSForSemanticSegmentation
 
 # ---------------------------------------------------------------------------------------------
@@ -162,6 +163,15 @@ def _card_metadata(
     )
 
 
+def _eval_protocol_rows(config: CPSConfig) -> list[str]:
+    """The protocol behind the card's numbers, which `scripts/evaluate_cps.py` also uses by default."""
+    protocol = model_eval_protocol(config)
+    if protocol is None:
+        return []
+    return [f"| Evaluation protocol | {_cell(describe_protocol(protocol))}, single scale, no flip "
+            "(`scripts/evaluate_cps.py` uses it by default) |"]
+
+
 def _card_body(
     config: CPSConfig,
     metrics: dict[str, float],
@@ -204,6 +214,7 @@ def _card_body(
         f"| Output stride | {stride} |",
         f"| ASPP rates | {', '.join(str(rate) for rate in config.aspp_rates)} |",
         f"| Classes | {config.num_labels} |",
+        *_eval_protocol_rows(config),
         "",
     ]
 

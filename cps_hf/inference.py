@@ -338,13 +338,44 @@ def load_segmentation_model(name_or_path: str, device: torch.device | str = "cpu
     return model, mean, std
 
 
+def make_eval_protocol(mode: str = "whole", crop_size: int | None = None, stride: int | None = None) -> dict:
+    """The protocol a model records in `config.eval_protocol` (what the trainer evaluated with):
+    explicit, so a reader needs no defaults. The stride of "whole" is unused (None); that of
+    "slide" defaults to ceil(2/3 crop), as `predict_logits` does."""
+    if mode not in ("whole", "slide"):
+        raise ValueError(f"eval mode must be 'whole' or 'slide', got {mode!r}")
+    crop_size = int(crop_size) if crop_size else None
+    if mode == "whole":
+        return {"mode": mode, "crop_size": crop_size, "stride": None}
+    if crop_size is None:
+        raise ValueError("the slide protocol needs a crop size (eval_crop_size or crop_size)")
+    stride = int(stride) if stride else math.ceil(crop_size * 2 / 3)
+    return {"mode": mode, "crop_size": crop_size, "stride": stride}
+
+
+def model_eval_protocol(config) -> dict | None:
+    """The protocol recorded in a model's config by the trainer; None for older exports and other models."""
+    protocol = getattr(config, "eval_protocol", None)
+    return None if protocol is None else make_eval_protocol(**protocol)
+
+
+def describe_protocol(protocol: dict) -> str:
+    """One readable line for logs and model cards, e.g. "whole image, padded to at least 512 px"."""
+    if protocol["mode"] == "slide":
+        return f"sliding {protocol['crop_size']} px windows, stride {protocol['stride']}"
+    if protocol["crop_size"] is None:
+        return "whole image at its own size"
+    return f"whole image, padded to at least {protocol['crop_size']} px"
+
+
 def resolve_protocol(dataset: str, mode: str | None = None, crop_size: int | None = None, stride: int | None = None,
-                     scales: Sequence[float] = (1.0,), flip: bool = False) -> dict:
-    """Keyword arguments for `predict_logits`/`evaluate_model`: the dataset's original protocol,
-    overridden by whatever is given (`crop_size=0` means no crop/padding)."""
+                     scales: Sequence[float] = (1.0,), flip: bool = False, base: dict | None = None) -> dict:
+    """Keyword arguments for `predict_logits`/`evaluate_model`: `base` (e.g. the protocol a model
+    recorded, `model_eval_protocol`) or else the dataset's original protocol, overridden by
+    whatever is given (`crop_size=0` means no crop/padding)."""
     if dataset not in DEFAULT_PROTOCOLS:
         raise ValueError(f"no default protocol for dataset {dataset!r}; known: {sorted(DEFAULT_PROTOCOLS)}")
-    protocol = dict(DEFAULT_PROTOCOLS[dataset])
+    protocol = dict(base if base is not None else DEFAULT_PROTOCOLS[dataset])
     if mode is not None:
         protocol["mode"] = mode
     if crop_size is not None:

@@ -5,11 +5,14 @@
     python scripts/evaluate_cps.py --model user/cps-cityscapes --dataset cityscapes --data_root data/cityscapes \
         --mode slide --crop_size 800 --stride 534 --scales 0.75 1.0 1.25 --flip --output results.json
 
-Defaults follow the original code: VOC whole image padded to 512; Cityscapes 800x800 windows with
-stride 534; single scale, no flip, one branch. `--model2 DIR --both_branches` averages the logits of
-the two CPS branches. Prints a per-class table and writes evaluate-style keys with the `eval_`
-prefix (as the trainer's all_results.json). Runs under `accelerate launch` too: each process takes
-a disjoint share of the images and the confusion matrices are summed.
+The default protocol is the one the trainer evaluated the model with (`eval_protocol` in its
+config.json), so the same model gives the trainer's numbers. Models without one (older exports,
+other models) get the original code's: VOC whole image padded to 512; Cityscapes 800x800 windows
+with stride 534. --mode/--crop_size/--stride override either; single scale, no flip, one branch.
+`--model2 DIR --both_branches` averages the logits of the two CPS branches. Prints a per-class
+table and writes evaluate-style keys with the `eval_` prefix (as the trainer's all_results.json).
+Runs under `accelerate launch` too: each process takes a disjoint share of the images and the
+confusion matrices are summed.
 """
 
 from __future__ import annotations
@@ -31,9 +34,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dataset", required=True, choices=["voc", "cityscapes", "folder"])
     parser.add_argument("--data_root", required=True)
     parser.add_argument("--split", default="val")
-    parser.add_argument("--mode", choices=["whole", "slide"], help="default: whole for voc/folder, slide for cityscapes")
-    parser.add_argument("--crop_size", type=int, help="default: 512 (voc), 800 (cityscapes), none (folder); 0 = none")
-    parser.add_argument("--stride", type=int, help="sliding-window step; default 534 (cityscapes) or ceil(2/3 crop)")
+    parser.add_argument("--mode", choices=["whole", "slide"],
+                        help="default: the model's eval_protocol, else whole for voc/folder, slide for cityscapes")
+    parser.add_argument("--crop_size", type=int, help="default: the model's eval_protocol, else 512 (voc), "
+                        "800 (cityscapes), none (folder); 0 = none")
+    parser.add_argument("--stride", type=int, help="sliding-window step; default: the model's eval_protocol, else "
+                        "534 (cityscapes) or ceil(2/3 crop)")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0])
     parser.add_argument("--flip", action="store_true", help="also average the horizontally flipped prediction")
     parser.add_argument("--batch_size", type=int, default=1)
@@ -55,13 +61,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def protocol_from_args(args) -> dict:
+PROTOCOL_FLAGS = ("mode", "crop_size", "stride")
+
+
+def protocol_from_args(args, model_protocol: dict | None = None) -> tuple[dict, str]:
+    """(protocol, where it came from): the model's recorded eval_protocol, else the dataset's default,
+    with any --mode/--crop_size/--stride given on top."""
     from cps_hf.inference import resolve_protocol
 
+    if model_protocol is not None:
+        source = f"{args.model}'s config.json eval_protocol (what the trainer evaluated with)"
+    else:
+        source = f"the {args.dataset} default (the original code's; the model records no eval_protocol)"
+    overrides = [f"--{flag}" for flag in PROTOCOL_FLAGS if getattr(args, flag) is not None]
+    if overrides:
+        source += f", overridden by {' '.join(overrides)}"
     try:
-        return resolve_protocol(args.dataset, args.mode, args.crop_size, args.stride, args.scales, args.flip)
+        protocol = resolve_protocol(args.dataset, args.mode, args.crop_size, args.stride, args.scales, args.flip,
+                                    base=model_protocol)
     except ValueError as err:
         raise SystemExit(f"--mode/--crop_size: {err}") from err
+    return protocol, source
 
 
 def _plain(value):
@@ -90,11 +110,15 @@ def main(argv=None) -> dict:
     from accelerate import Accelerator
 
     from cps_hf.data import EvalTransform, class_spec_of
-    from cps_hf.inference import TransformedDataset, evaluate_model, load_eval_split, load_segmentation_model
+    from cps_hf.inference import (TransformedDataset, describe_protocol, evaluate_model, load_eval_split,
+                                  load_segmentation_model, model_eval_protocol)
 
     accelerator = Accelerator()
-    protocol = protocol_from_args(args)
     model, mean, std = load_segmentation_model(args.model, accelerator.device)
+    protocol, protocol_source = protocol_from_args(args, model_eval_protocol(model.config))
+    if accelerator.is_main_process:
+        print(f"protocol: {describe_protocol(protocol)}, scales {list(protocol['scales'])}, flip {protocol['flip']}; "
+              f"from {protocol_source}")
     models = [model]
     if args.both_branches:
         models.append(load_segmentation_model(args.model2, accelerator.device)[0])
@@ -134,6 +158,7 @@ def main(argv=None) -> dict:
         "num_samples": len(data),
         "metric": args.metric,
         "protocol": {**protocol, "scales": list(protocol["scales"]), "branches": len(models)},
+        "protocol_source": protocol_source,
     })
     if accelerator.is_main_process:
         print(format_table(results, class_names))

@@ -157,7 +157,7 @@ def test_export_loads_with_trust_remote_code_where_cps_hf_is_not_imported(model,
     torch.manual_seed(0)
     with torch.no_grad():
         expected = model.eval()(pixel_values=torch.randn(2, 3, 32, 32)).logits
-    assert torch.equal(torch.load(logits_file), expected)
+    assert_same_logits(torch.load(logits_file), expected)  # other thread counts (OMP_NUM_THREADS) differ by ~1e-7
     assert "trust_remote_code=True" in (exported / "README.md").read_text()  # the card tells users how
 
 
@@ -188,6 +188,57 @@ def test_exported_folder_works_with_the_pipeline(model, exported):
         assert (predicted[mask] == -1).all(), "two segments claim the same pixel"
         predicted[mask] = label2id[segment["label"]]
     assert np.array_equal(predicted, expected)
+
+
+QUIET_PIPELINE = """
+import builtins, json, logging, sys
+
+prompts = []
+
+
+def no_input(prompt=""):
+    # transformers' "Do you wish to run the custom code? [y/N]" would wait 15 s here in a terminal.
+    prompts.append(prompt)
+    raise EOFError("the pipeline asked for input")
+
+
+builtins.input = no_input
+records = []
+
+
+class Keep(logging.Handler):
+    def emit(self, record):
+        records.append(f"{record.levelname} {record.name}: {record.getMessage()}"[:300])
+
+
+logging.getLogger("transformers").addHandler(Keep(logging.WARNING))
+import cps_hf
+from PIL import Image
+from transformers import pipeline
+
+segmenter = pipeline("image-segmentation", model=sys.argv[1], subtask="semantic")
+segments = segmenter(Image.new("RGB", (45, 33), (9, 99, 199)))
+print(json.dumps({"prompts": prompts, "records": records, "segments": len(segments),
+                  "model": type(segmenter.model).__module__, "processor": type(segmenter.image_processor).__module__}))
+"""
+
+
+def test_pipeline_on_an_export_with_auto_map_neither_prompts_nor_warns(exported, tmp_path):
+    """The README's snippet: with cps_hf imported, `pipeline("image-segmentation")` on a folder that
+    also carries remote code never asks to run it (its processor probes used to ask, for a video
+    processor, and wait 15 s in a terminal) and logs no "not supported" error for the CPS model.
+    `input` is replaced to record any prompt, so nothing here depends on timing or a terminal."""
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    completed = subprocess.run([sys.executable, "-c", QUIET_PIPELINE, str(exported)], capture_output=True, text=True,
+                               timeout=300, env=env, cwd=tmp_path, stdin=subprocess.DEVNULL)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    report = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert report["prompts"] == [], report["prompts"]
+    assert report["records"] == [], report["records"]
+    assert "not supported" not in completed.stderr and "custom code" not in completed.stderr
+    assert report["model"] == "cps_hf.modeling_cps" and report["processor"] == "cps_hf.image_processing_cps"
+    assert report["segments"] >= 1
+    assert not (tmp_path / "modules").exists()  # no remote code was even copied for import
 
 
 def test_model_card_parses_back_with_model_index_results(exported):
