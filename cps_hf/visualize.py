@@ -102,13 +102,84 @@ def _cell(value, is_image: bool, palette, size: tuple[int, int]) -> Image.Image:
     return picture
 
 
+def _grid_cell_size(first_size: tuple[int, int], min_side: int) -> tuple[int, int]:
+    """The first image's size, scaled up (aspect kept) until its long side reaches `min_side`,
+    so small validation crops are not shown as thumbnails nobody can read."""
+    width, height = first_size
+    scale = max(1.0, min_side / max(width, height, 1))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    """A scalable font of `size` px (Pillow's bundled one); the tiny bitmap font where FreeType is missing."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError, OSError):
+        return ImageFont.load_default()
+
+
+def _text_size(font, text: str) -> tuple[int, int]:
+    left, top, right, bottom = font.getbbox(text)
+    return right - left, bottom
+
+
+def _fitted_font(text: str, size: int, width: int) -> ImageFont.ImageFont:
+    """The largest font up to `size` (down to 10 px) in which `text` fits `width`: long titles shrink."""
+    font = _font(size)
+    while size > 10 and _text_size(font, text)[0] > width:
+        size -= 1
+        font = _font(size)
+    return font
+
+
+def _title_band(titles, font_size: int, cell_width: int, gap: int) -> tuple[list, int]:
+    """Each column title's font (shrunk to fit its cell) and the height of the band above the cells."""
+    if titles is None:
+        return [], 0
+    fonts = [_fitted_font(str(title), font_size, cell_width) for title in titles]
+    return fonts, max(_text_size(font, str(title))[1] for font, title in zip(fonts, titles)) + 2 * gap
+
+
+def _legend_entries(rows, class_names, legend: str, palette) -> list[tuple[int, str, tuple[int, int, int]]]:
+    """(id, name, colour) of the classes to explain: those drawn in the label cells, or all named ones."""
+    names = dict(enumerate(class_names)) if isinstance(class_names, (list, tuple)) else dict(class_names)
+    names = {int(k): str(v) for k, v in names.items()}
+    if legend == "all":
+        ids = sorted(names)
+    elif legend == "present":
+        ids = sorted({int(v) for row in rows for cell in row[1:] for v in np.unique(_as_array(cell))})
+    else:
+        raise ValueError(f"legend must be 'present' or 'all', got {legend!r}")
+    colours = get_palette(palette)
+    return [(i, names.get(i, "ignore" if i == 255 else str(i)), tuple(colours[3 * i : 3 * i + 3])) for i in ids]
+
+
+def _legend_layout(entries, font, width: int, gap: int) -> tuple[list[tuple[int, int]], int]:
+    """Top-left corner of each legend entry, wrapped into rows across `width`, and the total height."""
+    swatch = _text_size(font, "Hg")[1]
+    line = swatch + gap
+    positions, left, top = [], gap, gap
+    for _, name, _ in entries:
+        entry_width = swatch + 2 * gap + _text_size(font, name)[0] + 3 * gap
+        if left > gap and left + entry_width > width:
+            left, top = gap, top + line
+        positions.append((left, top))
+        left += entry_width
+    return positions, (top + line + gap if entries else 0)
+
+
 def comparison_grid(rows: Sequence[Sequence], titles: Sequence[str] | None = ("Image", "Ground truth"),
                     palette: str | Sequence[int] | None = "voc", cell_size: tuple[int, int] | None = None,
-                    gap: int = 4) -> Image.Image:
+                    gap: int = 4, min_cell_side: int = 256, class_names=None, legend: str = "present",
+                    font_size: int | None = None) -> Image.Image:
     """A grid like the paper's Figure 6: each row is (image, ground truth, *predictions).
 
-    Every cell is resized to `cell_size` (width, height; default the first image's size), labels with
-    nearest neighbour. `titles` label the columns (e.g. "Image", "Ground truth", "Supervised", "CPS").
+    Every cell is resized to `cell_size` (width, height; default the first image's size scaled up until
+    its long side is at least `min_cell_side`), labels with nearest neighbour so class edges stay sharp.
+    `titles` label the columns (e.g. "Image", "Ground truth", "Supervised", "CPS") in a font sized to
+    the cells (`font_size` overrides). `class_names` (a list, or an `id2label` dict) adds a legend of
+    colour swatches under the grid: the classes drawn in the label cells (`legend="present"`, ignore
+    255 included), or every named class (`legend="all"`).
     """
     if not rows:
         raise ValueError("comparison_grid needs at least one row")
@@ -120,21 +191,33 @@ def comparison_grid(rows: Sequence[Sequence], titles: Sequence[str] | None = ("I
         raise ValueError(f"{len(titles)} titles for {columns} columns")
     if titles is not None and len(titles) == 2 < columns:
         titles = list(titles) + [f"Prediction {i}" for i in range(1, columns - 1)]
-    size = cell_size or as_rgb_image(rows[0][0]).size
-    font = ImageFont.load_default()
-    title_height = 0 if titles is None else 16
+    size = tuple(cell_size) if cell_size else _grid_cell_size(as_rgb_image(rows[0][0]).size, min_cell_side)
+    font_size = font_size or max(14, min(32, round(max(size) / 12)))
     width = columns * size[0] + (columns + 1) * gap
-    height = title_height + len(rows) * size[1] + (len(rows) + 1) * gap
-    grid = Image.new("RGB", (width, height), "white")
+    title_fonts, title_height = _title_band(titles, font_size, size[0], gap)
+    entries = _legend_entries(rows, class_names, legend, palette) if class_names is not None else []
+    legend_font = _font(font_size)
+    positions, legend_height = _legend_layout(entries, legend_font, width, gap)
+    body_height = len(rows) * size[1] + (len(rows) + 1) * gap
+    grid = Image.new("RGB", (width, title_height + body_height + legend_height), "white")
     draw = ImageDraw.Draw(grid)
     for column in range(columns):
         left = gap + column * (size[0] + gap)
         if titles is not None:
-            draw.text((left, 2), str(titles[column]), fill="black", font=font)
+            draw.text((left, gap), str(titles[column]), fill="black", font=title_fonts[column])
         for row_index, row in enumerate(rows):
             top = title_height + gap + row_index * (size[1] + gap)
             grid.paste(_cell(row[column], column == 0, palette, size), (left, top))
+    _draw_legend(draw, entries, positions, legend_font, title_height + body_height, gap)
     return grid
+
+
+def _draw_legend(draw, entries, positions, font, top: int, gap: int) -> None:
+    swatch = _text_size(font, "Hg")[1]
+    for (_, name, colour), (left, offset) in zip(entries, positions):
+        y = top + offset
+        draw.rectangle([left, y, left + swatch, y + swatch], fill=colour, outline="black")
+        draw.text((left + swatch + 2 * gap, y), name, fill="black", font=font)
 
 
 def read_log(path: str | Path) -> list[dict]:
@@ -151,6 +234,11 @@ def read_log(path: str | Path) -> list[dict]:
             raise ValueError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
         records.append(record)
     return records
+
+
+def numeric_keys(log_records: Iterable[dict]) -> set[str]:
+    """Keys with at least one finite number in the log (an all-NaN agreement has nothing to plot)."""
+    return {key for record in log_records for key, value in record.items() if _is_number(value)}
 
 
 def plot_curves(log_records: Iterable[dict], keys: Sequence[str], path: str | Path, x_key: str = "step",
@@ -184,6 +272,41 @@ def plot_curves(log_records: Iterable[dict], keys: Sequence[str], path: str | Pa
         axes.grid(alpha=0.3)
     if title:
         figure.suptitle(title)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png")
+    return path
+
+
+def plot_lines(log_records: Iterable[dict], keys: Sequence[str], path: str | Path, x_key: str = "step",
+               labels: dict[str, str] | None = None, title: str | None = None, ylabel: str | None = None) -> Path:
+    """All `keys` as labelled lines on one panel, saved as PNG: curves meant to be compared, such as the
+    two networks' agreement on labeled and unlabeled images (the paper's Figure 7)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    records = list(log_records)
+    series = {key: [(r[x_key], r[key]) for r in records if _is_number(r.get(key)) and _is_number(r.get(x_key))]
+              for key in keys}
+    missing = [key for key, points in series.items() if not points]
+    if not series or missing:
+        available = sorted({k for r in records for k, v in r.items() if _is_number(v)})
+        raise ValueError(f"no numeric values of {missing or list(keys)} against {x_key!r} in the log; "
+                         f"numeric keys present: {available}")
+    figure = Figure(figsize=(6.4, 4.0), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot(1, 1, 1)
+    for key, points in series.items():
+        xs, ys = zip(*points)
+        axes.plot(xs, ys, label=(labels or {}).get(key, key), marker="o" if len(points) < 30 else None, markersize=3)
+    axes.set_xlabel(x_key)
+    if ylabel:
+        axes.set_ylabel(ylabel)
+    if title:
+        axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend()
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -7,17 +7,30 @@
     # curves from the trainer's log (one JSON object per logged step)
     python scripts/make_figures.py --log outputs/cps/log.jsonl --output_dir figures
 
-Writes comparison.png, training_curves.png (loss, loss_sup, loss_cps, lr: those present),
-agreement.png (the fraction of pixels where the two branches' argmax agree) and eval_mean_iou.png.
+Writes comparison.png (cells at least 256 px, column titles, a legend of the classes shown, named
+from the first model's id2label), training_curves.png (loss, loss_sup, loss_cps, lr: those present),
+agreement.png (the fraction of pixels where the two branches' argmax agree: one labelled line per
+agreement key the trainer logged, agreement_u / agreement_u_fg / agreement_l / agreement_l_fg) and
+eval_mean_iou.png. Keys may carry a tracker prefix ("train/loss"). `--models` takes local folders
+(an argument that looks like a path must be an existing folder) or Hub ids (owner/name).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 TRAINING_KEYS = ("loss", "loss_sup", "loss_cps", "lr")
+# What each agreement key of the trainer (cps_hf.methods) measures; plain "agreement" is older logs' name.
+AGREEMENT_LABELS = {
+    "agreement_u": "unlabeled images",
+    "agreement_u_fg": "unlabeled images, foreground",
+    "agreement_l": "labeled images",
+    "agreement_l_fg": "labeled images, foreground",
+    "agreement": "all images",
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,25 +60,99 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def _base_name(key: str) -> str:
+    return key.rsplit("/", 1)[-1]
+
+
+def logged_keys(numeric: set[str], names) -> list[str]:
+    """The logged numeric keys called one of `names`, bare or with a tracker prefix ("train/loss"), in `names` order."""
+    return [key for name in names for key in sorted(numeric) if _base_name(key) == name]
+
+
+def agreement_keys(numeric: set[str]) -> list[str]:
+    """Every agreement key in the log (known ones first, in AGREEMENT_LABELS order): whatever the method logged."""
+    found = [key for key in numeric if _base_name(key).startswith("agreement")]
+    order = list(AGREEMENT_LABELS)
+    return sorted(found, key=lambda k: (order.index(_base_name(k)) if _base_name(k) in order else len(order), k))
+
+
+def _agreement_label(key: str) -> str:
+    meaning = AGREEMENT_LABELS.get(_base_name(key))
+    return f"{key}: {meaning}" if meaning else key
+
+
 def curve_figures(log_path: str, output_dir: Path) -> list[Path]:
-    from cps_hf.visualize import plot_curves, read_log
+    from cps_hf.visualize import numeric_keys, plot_curves, plot_lines, read_log
 
     path = Path(log_path)
-    records = read_log(path / "log.jsonl" if path.is_dir() else path)
-    present = lambda keys: [k for k in keys if any(isinstance(r.get(k), (int, float)) for r in records)]  # noqa: E731
+    path = path / "log.jsonl" if path.is_dir() else path
+    if not path.is_file():
+        raise SystemExit(f"--log {log_path}: no such file (give a trainer log.jsonl or the run folder holding it)")
+    try:
+        records = read_log(path)
+    except ValueError as err:
+        raise SystemExit(f"--log {err}") from None
+    numeric = numeric_keys(records)
     written = []
-    for name, keys, title in [
-        ("training_curves.png", present(TRAINING_KEYS), "Training"),
-        ("agreement.png", present(["agreement"]), "Agreement of the two branches (Figure 7)"),
-        ("eval_mean_iou.png", present(["eval_mean_iou"]), "Validation mIoU"),
-    ]:
-        if keys:
-            written.append(plot_curves(records, keys, output_dir / name, title=title))
-        else:
-            print(f"{path}: no values for {name} ({', '.join(TRAINING_KEYS) if name.startswith('training') else name[:-4]})")
+    training = logged_keys(numeric, TRAINING_KEYS)
+    if training:
+        written.append(plot_curves(records, training, output_dir / "training_curves.png", title="Training"))
+    else:
+        print(f"{path}: no values for training_curves.png ({', '.join(TRAINING_KEYS)})")
+    agreement = agreement_keys(numeric)
+    if agreement:
+        labels = {key: _agreement_label(key) for key in agreement}
+        written.append(plot_lines(records, agreement, output_dir / "agreement.png", labels=labels,
+                                  title="Agreement of the two networks (Figure 7)",
+                                  ylabel="fraction of pixels where the argmax agree"))
+    else:
+        print(f"{path}: no values for agreement.png ({', '.join(AGREEMENT_LABELS)})")
+    evaluation = logged_keys(numeric, ["eval_mean_iou"])
+    if evaluation:
+        written.append(plot_curves(records, evaluation, output_dir / "eval_mean_iou.png", title="Validation mIoU"))
+    else:
+        print(f"{path}: no values for eval_mean_iou.png (eval_mean_iou)")
     if not written:
         raise SystemExit(f"{path}: none of the known keys were logged")
     return written
+
+
+def _looks_like_path(name: str) -> bool:
+    """Hub ids are `name` or `owner/name`; more separators, a leading . ~ /, or a backslash mean a path."""
+    return (name.startswith((".", "~", "/")) or "\\" in name or name.count("/") > 1 or name.endswith("/")
+            or os.path.isabs(name))
+
+
+def check_model_source(name: str, flag: str = "--models") -> str:
+    """`name` if it is a local folder or a well-formed Hub id; otherwise exit with one line saying which,
+    instead of huggingface_hub's "Repo id must be in the form ..." for a mistyped folder."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path)
+    if path.exists():
+        raise SystemExit(f"{flag} {name}: is a file, not a model folder (give the folder holding config.json)")
+    if _looks_like_path(name):
+        raise SystemExit(f"{flag} {name}: folder does not exist")
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise SystemExit(f"{flag} {name}: no such folder, and not a Hub model id (owner/name)") from None
+    return name
+
+
+def load_model_or_exit(name: str, device="cpu", flag: str = "--models"):
+    """`load_segmentation_model`, with a one-line exit naming the model when it cannot be loaded."""
+    from cps_hf.inference import load_segmentation_model
+
+    source = check_model_source(name, flag)
+    try:
+        return load_segmentation_model(source, device)
+    except (OSError, ValueError, KeyError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SystemExit(f"{flag} {name}: cannot load a segmentation model ({reason})") from None
 
 
 def _select(split, ids, num_images):
@@ -82,11 +169,14 @@ def comparison_figure(args, output_dir: Path) -> Path:
     import torch
 
     from cps_hf.data import EvalTransform, class_spec_of
-    from cps_hf.inference import load_eval_split, load_segmentation_model, predict_logits, resolve_protocol
+    from cps_hf.inference import load_eval_split, predict_logits, resolve_protocol
     from cps_hf.visualize import comparison_grid, denormalize
 
-    protocol = resolve_protocol(args.dataset, args.mode, args.crop_size, args.stride, args.scales, args.flip)
-    loaded = [load_segmentation_model(name) for name in args.models]
+    try:
+        protocol = resolve_protocol(args.dataset, args.mode, args.crop_size, args.stride, args.scales, args.flip)
+    except ValueError as err:
+        raise SystemExit(f"--mode/--crop_size: {err}") from None
+    loaded = [load_model_or_exit(name) for name in args.models]
     split = load_eval_split(args.dataset, args.data_root, args.split)
     spec = class_spec_of(split)
     palette = spec.palette if spec is not None and spec.palette else ("cityscapes" if args.dataset == "cityscapes" else "voc")
@@ -104,7 +194,9 @@ def comparison_figure(args, output_dir: Path) -> Path:
             row.append(logits.argmax(1)[0])
         rows.append(row)
     titles = ["Image", "Ground truth"] + (args.titles or [Path(name).name for name in args.models])
-    grid = comparison_grid(rows, titles=titles, palette=palette, cell_size=tuple(args.cell_size) if args.cell_size else None)
+    cell_size = tuple(args.cell_size) if args.cell_size else None
+    grid = comparison_grid(rows, titles=titles, palette=palette, cell_size=cell_size,
+                           class_names=loaded[0][0].config.id2label)
     path = output_dir / "comparison.png"
     grid.save(path)
     return path
@@ -112,6 +204,8 @@ def comparison_figure(args, output_dir: Path) -> Path:
 
 def main(argv=None) -> list[Path]:
     args = parse_args(argv)
+    for name in args.models or []:
+        check_model_source(name)  # every name checked before the slow imports and the first load
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     written = []

@@ -1,6 +1,11 @@
 """Palettes, colourised maps, overlays, the Figure-6 grid and curve PNGs."""
 
+import importlib.util
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -76,16 +81,43 @@ def test_comparison_grid_layout_and_cells():
     image = rng.integers(0, 256, (8, 10, 3)).astype(np.uint8)
     truth = np.full((8, 10), 15)
     rows = [(image, truth, np.zeros((8, 10), np.int64), truth), (image, truth, truth, truth)]
-    grid = comparison_grid(rows, titles=["Image", "Ground truth", "Supervised", "CPS"], gap=4)
-    assert grid.size == (4 * 10 + 5 * 4, 16 + 2 * 8 + 3 * 4)
+    grid = comparison_grid(rows, titles=None, cell_size=(10, 8), gap=4)
+    assert grid.size == (4 * 10 + 5 * 4, 2 * 8 + 3 * 4)
     pixels = np.asarray(grid)
-    np.testing.assert_array_equal(pixels[16 + 4 : 16 + 12, 4:14], image)  # first image cell
-    assert tuple(pixels[16 + 5, 4 + 14 + 1]) == (192, 128, 128)  # ground truth cell, person colour
-    assert tuple(pixels[16 + 5, 4 + 2 * 14 + 1]) == (0, 0, 0)  # supervised predicted background
+    np.testing.assert_array_equal(pixels[4:12, 4:14], image)  # first image cell
+    assert tuple(pixels[5, 4 + 14 + 1]) == (192, 128, 128)  # ground truth cell, person colour
+    assert tuple(pixels[5, 4 + 2 * 14 + 1]) == (0, 0, 0)  # supervised predicted background
     resized = comparison_grid(rows, titles=None, cell_size=(20, 16))
     assert resized.size == (4 * 20 + 5 * 4, 2 * 16 + 3 * 4)
     with pytest.raises(ValueError, match="same length"):
         comparison_grid([(image, truth), (image, truth, truth)])
+
+
+def test_comparison_grid_is_readable():
+    """Small images get cells of at least 256 px (labels upscaled without blending), titles in a
+    readable font, and a legend of the classes drawn, named and in their colours."""
+    image = np.random.default_rng(2).integers(0, 256, (8, 10, 3)).astype(np.uint8)
+    truth = np.zeros((8, 10), np.int64)
+    truth[:, 5:] = 15
+    truth[0, 0] = 255
+    prediction = np.full((8, 10), 15)
+    names = {i: f"class {i}" for i in range(21)}
+    bare = comparison_grid([(image, truth, prediction)], titles=None, gap=4)
+    assert bare.size == (3 * 256 + 4 * 4, 205 + 2 * 4)  # 10x8 scaled by 25.6, aspect kept
+    cells = np.asarray(bare)
+    label_cell = cells[4 : 4 + 205, 4 + 260 : 4 + 260 + 256].reshape(-1, 3)
+    assert {tuple(c) for c in label_cell} == {(0, 0, 0), (192, 128, 128), (224, 224, 192)}  # nearest: no blends
+    titled = comparison_grid([(image, truth, prediction)], titles=["Image", "Ground truth", "CPS"], gap=4)
+    assert titled.size[1] - bare.size[1] >= 20  # a title band at a font of >= 14 px
+    with_legend = comparison_grid([(image, truth, prediction)], titles=None, class_names=names, gap=4)
+    legend = np.asarray(with_legend)[bare.size[1] :].reshape(-1, 3)
+    assert with_legend.size[0] == bare.size[0] and len(legend) > 0
+    colours = {tuple(c) for c in legend}
+    assert {(192, 128, 128), (224, 224, 192)} <= colours  # person and ignore: drawn, so explained
+    assert (128, 0, 0) not in colours  # aeroplane is not drawn anywhere
+    every = np.asarray(comparison_grid([(image, truth, prediction)], titles=None, class_names=names, legend="all"))
+    assert (128, 0, 0) in {tuple(c) for c in every[bare.size[1] :].reshape(-1, 3)}
+    assert every.shape[0] > with_legend.size[1]  # 21 classes take more legend rows than 3
 
 
 def test_plot_curves_and_read_log(tmp_path):
@@ -103,3 +135,98 @@ def test_plot_curves_and_read_log(tmp_path):
     log.write_text('{"step": 1}\nnot json\n')
     with pytest.raises(ValueError, match=r"log.jsonl:2: not a JSON object"):
         read_log(log)
+
+
+# ---------------------------------------------------------------------- scripts/make_figures.py
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load_make_figures():
+    spec = importlib.util.spec_from_file_location("make_figures", SCRIPTS / "make_figures.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def trainer_log(path, prefix=""):
+    """A log.jsonl with the keys scripts/train_cps.py writes for CPS (cps_hf.methods), NaN included."""
+    lines = []
+    for s in range(1, 7):
+        lines.append({"step": s, "epoch": s / 6, "lr": 0.01 * (1 - s / 7) ** 0.9, f"{prefix}loss": 3 - s / 5,
+                      f"{prefix}loss_sup": 1 - s / 20, f"{prefix}loss_cps": 2 - s / 10, f"{prefix}loss_cps_u": 1.0,
+                      f"{prefix}agreement_u": 0.5 + s / 20, f"{prefix}agreement_u_fg": 0.3 + s / 20,
+                      f"{prefix}agreement_l": 0.6 + s / 20, f"{prefix}agreement_l_fg": float("nan") if s == 1 else 0.4})
+    lines.append({"step": 6, "eval_mean_iou": 0.4, "eval_iou/background": 0.8})
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))  # NaN as the trainer writes it
+    return path
+
+
+@pytest.mark.parametrize("prefix", ["", "train/"])
+def test_make_figures_plots_every_agreement_key_the_trainer_logs(tmp_path, monkeypatch, prefix):
+    make_figures = load_make_figures()
+    import cps_hf.visualize as visualize
+
+    drawn = {}
+    real = getattr(visualize, "plot_lines", None)
+    monkeypatch.setattr(visualize, "plot_lines", lambda records, keys, path, **kw: drawn.update(keys=keys, **kw)
+                        or real(records, keys, path, **kw), raising=False)
+    run = tmp_path / "run"
+    run.mkdir()
+    trainer_log(run / "log.jsonl", prefix)
+    written = make_figures.main(["--log", str(run), "--output_dir", str(tmp_path / "figs")])
+    assert [p.name for p in written] == ["training_curves.png", "agreement.png", "eval_mean_iou.png"]
+    keys = [f"{prefix}agreement_{k}" for k in ("u", "u_fg", "l", "l_fg")]
+    assert drawn["keys"] == keys
+    assert drawn["labels"][f"{prefix}agreement_u"] == f"{prefix}agreement_u: unlabeled images"
+    assert drawn["labels"][f"{prefix}agreement_l_fg"] == f"{prefix}agreement_l_fg: labeled images, foreground"
+    with Image.open(tmp_path / "figs" / "agreement.png") as picture:
+        assert picture.format == "PNG"
+
+
+def test_make_figures_names_a_missing_model_folder(tmp_path):
+    make_figures = load_make_figures()
+    missing = tmp_path / "some" / "folder" / "that" / "does" / "not" / "exist"
+    common = ["--dataset", "voc", "--data_root", str(tmp_path), "--output_dir", str(tmp_path / "figs")]
+    with pytest.raises(SystemExit, match=f"^--models {missing}: folder does not exist$"):
+        make_figures.main(["--models", str(missing), *common])
+    with pytest.raises(SystemExit, match="folder does not exist"):
+        make_figures.main(["--models", "some/folder/that/does/not/exist", *common])
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(SystemExit, match="config.json: is a file, not a model folder"):
+        make_figures.main(["--models", str(tmp_path / "config.json"), *common])
+    with pytest.raises(SystemExit) as hub:  # Hub-shaped: goes to the Hub (offline here), still one line
+        make_figures.main(["--models", "someone/no-such-cps-model", *common])
+    assert str(hub.value).startswith("--models someone/no-such-cps-model: cannot load") and "\n" not in str(hub.value)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run([sys.executable, str(SCRIPTS / "make_figures.py"), "--models", str(missing), *common],
+                               env=env, capture_output=True, text=True, timeout=120)
+    assert completed.returncode != 0
+    assert completed.stderr.strip() == f"--models {missing}: folder does not exist"
+
+
+def test_make_figures_grid_has_large_cells_and_a_legend_from_id2label(tmp_path, monkeypatch):
+    from cps_hf import CPSConfig, CPSForSemanticSegmentation, CPSImageProcessor
+    from cps_hf.data import DEMO_CLASSES, make_demo_voc
+
+    make_demo_voc(tmp_path / "voc", num_train=1, num_val=2, size=(32, 40), seed=0)
+    torch.manual_seed(0)
+    names = [f"my {name}" for name in DEMO_CLASSES]  # the model's names, not the dataset's
+    config = CPSConfig(backbone="resnet18", num_labels=len(names), id2label=dict(enumerate(names)),
+                       label2id={n: i for i, n in enumerate(names)}, aspp_channels=16, decoder_channels=16,
+                       low_level_channels=8)
+    CPSForSemanticSegmentation(config).eval().save_pretrained(tmp_path / "model")
+    CPSImageProcessor().save_pretrained(tmp_path / "model")
+    make_figures = load_make_figures()
+    import cps_hf.visualize as visualize
+
+    seen, real = {}, visualize.comparison_grid
+    monkeypatch.setattr(visualize, "comparison_grid", lambda rows, **kw: seen.update(kw) or real(rows, **kw))
+    written = make_figures.main(["--models", str(tmp_path / "model"), "--dataset", "voc", "--data_root",
+                                 str(tmp_path / "voc"), "--num_images", "2", "--output_dir", str(tmp_path / "figs")])
+    assert dict(seen["class_names"]) == dict(enumerate(names))
+    with Image.open(written[0]) as grid:
+        width, height = grid.size
+        pixels = np.asarray(grid.convert("RGB"))
+    assert width >= 3 * 256 and height >= 2 * 205  # 40x32 images in cells of 256x205, not thumbnails
+    cells_end = max(np.nonzero(pixels[:, 4:-4].std(axis=(1, 2)) > 0)[0])  # last non-white row is in the legend
+    assert cells_end > height - 60
