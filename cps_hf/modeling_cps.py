@@ -6,7 +6,10 @@ base that knows how to initialise only the head, then the semantic-segmentation 
 
 from __future__ import annotations
 
+import difflib
+import importlib
 import os
+import re
 
 import timm
 import torch
@@ -55,6 +58,24 @@ def _apply_multi_grid(stage: nn.Module, multi_grid, backbone_name: str) -> None:
                 conv.padding = (dilation, dilation)
 
 
+class UnknownBackboneError(ValueError):
+    """A backbone name timm does not know; the message suggests close names."""
+
+
+def _unknown_backbone_message(name: str, error: RuntimeError) -> str | None:
+    """One line for the names timm refuses (unknown architecture, unknown pretrained tag), else None."""
+    arch, _, tag = name.partition(".")
+    if str(error).startswith("Unknown model"):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=6, cutoff=0.6)
+        close = close or timm.list_models(f"{re.split(r'[0-9_]', arch)[0]}*")[:6]
+        hint = f"close names: {', '.join(close)}" if close else "list them with timm.list_models('pattern*')"
+        return f"backbone {name!r} is not a timm model; {hint}"
+    if str(error).startswith("Invalid pretrained tag"):
+        tags = [known.partition(".")[2] for known in timm.list_pretrained(f"{arch}.*")]
+        return f"backbone {name!r}: timm has no pretrained tag {tag!r} for {arch}; tags: {', '.join(tags) or 'none'}"
+    return None
+
+
 def _create_timm(name: str, pretrained: bool, kwargs: dict) -> nn.Module:
     try:
         return timm.create_model(name, features_only=True, pretrained=pretrained, **kwargs)
@@ -63,10 +84,21 @@ def _create_timm(name: str, pretrained: bool, kwargs: dict) -> nn.Module:
             f"timm could not build backbone {name!r} with {kwargs}: {error!r}. "
             "Backbones that cannot dilate (e.g. HRNet) need CPSConfig.output_stride=None."
         ) from error
+    except RuntimeError as error:
+        message = _unknown_backbone_message(name, error)
+        if message is None:
+            raise
+        raise UnknownBackboneError(message) from None
 
 
-def create_backbone(config: CPSConfig, pretrained: bool = False, checkpoint_path: str | None = None) -> nn.Module:
-    """A timm `features_only` network with explicit taps; random weights unless asked otherwise."""
+def create_backbone(
+    config: CPSConfig, pretrained: bool = False, checkpoint_path: str | None = None, state_dict: dict | None = None
+) -> nn.Module:
+    """A timm `features_only` network with explicit taps; random weights unless asked otherwise.
+
+    `state_dict` (a timm/PyTorch classifier checkpoint already read) goes through timm's own loader,
+    so its model-specific key conversions and the features-only wrapping apply.
+    """
     kwargs = dict(config.backbone_kwargs or {})
     if config.output_stride is not None:
         kwargs["output_stride"] = config.output_stride
@@ -80,7 +112,10 @@ def create_backbone(config: CPSConfig, pretrained: bool = False, checkpoint_path
         kwargs["out_indices"] = tuple(probe.feature_info.out_indices[i] for i in indices)
     if checkpoint_path is not None:
         kwargs["pretrained_cfg_overlay"] = dict(file=os.fspath(checkpoint_path))
-    backbone = _create_timm(config.backbone, pretrained or checkpoint_path is not None, kwargs)
+    if state_dict is not None:
+        kwargs["pretrained_cfg_overlay"] = dict(state_dict=state_dict)
+    loads = pretrained or checkpoint_path is not None or state_dict is not None
+    backbone = _create_timm(config.backbone, loads, kwargs)
     if config.multi_grid:
         stage_name = backbone.feature_info.module_name()[-1]
         try:
@@ -220,19 +255,14 @@ class CPSForSemanticSegmentation(CPSPreTrainedModel):
         """Load ImageNet weights into the backbone after construction (so `post_init` cannot touch them).
 
         `source=True` takes timm's default pretrained tag from the Hub (what users do); a path loads
-        a local timm/PyTorch checkpoint file. `from_pretrained` never calls this: a trained model's
-        backbone comes from its own safetensors.
+        a local timm/PyTorch checkpoint (.safetensors, .pth, .bin) or the backbone of a cps_hf model
+        file. Weights that match no backbone tensor, or cannot be fetched, raise one line (see
+        `cps_hf.weights`). `from_pretrained` never calls this: a trained model's backbone comes from
+        its own safetensors.
         """
-        if source is False or source is None:
-            raise ValueError("load_pretrained_backbone needs source=True (timm Hub weights) or a checkpoint path")
-        path = None if source is True else os.fspath(source)
-        if path is not None and not os.path.isfile(path):
-            raise FileNotFoundError(f"backbone checkpoint {path!r} does not exist")
-        donor = create_backbone(self.config, pretrained=True, checkpoint_path=path)
-        self.backbone.load_state_dict(donor.state_dict(), strict=True)
-        self.config.backbone_pretrained_source = (
-            os.path.basename(path) if path else donor.pretrained_cfg.get("hf_hub_id") or self.config.backbone
-        )
+        # Imported by name: this file ships as remote code (hub.REMOTE_CODE_FILES), where a relative
+        # import would need cps_hf's other modules next to it. Training always has cps_hf installed.
+        importlib.import_module("cps_hf.weights").load_backbone_weights(self, source)
         return self
 
     def forward(

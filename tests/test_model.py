@@ -77,6 +77,14 @@ def test_bad_config_fields_are_named():
         CPSForSemanticSegmentation(tiny_config(backbone="mobilenetv3_small_100", multi_grid=[1, 2, 4]))
 
 
+def test_unknown_backbone_names_are_one_line_with_close_names():
+    with pytest.raises(ValueError, match=r"^backbone 'resnet5o' is not a timm model; close names: resnet50,") as caught:
+        CPSForSemanticSegmentation(tiny_config(backbone="resnet5o"))
+    assert "resnet50d" in str(caught.value) and "\n" not in str(caught.value)
+    with pytest.raises(ValueError, match=r"timm has no pretrained tag 'in21k' for resnet18; tags: a1_in1k, "):
+        CPSForSemanticSegmentation(tiny_config(backbone="resnet18.in21k"))
+
+
 def test_post_init_keeps_backbone_and_heads_differ_by_seed():
     """transformers' post_init must not touch the timm backbone; head init is kaiming and seed-dependent."""
     torch.manual_seed(0)

@@ -1,0 +1,242 @@
+"""Weights from outside a run: backbone files that must fit, Hub weights that fail fast, --init_from,
+and checkpoints refused up front when they were trained for other networks."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import timm
+import torch
+from accelerate import Accelerator
+from huggingface_hub import constants
+from safetensors.torch import save_file
+
+from cps_hf import CPSConfig, CPSForSemanticSegmentation
+from cps_hf.training import build_networks
+from cps_hf.weights import (
+    WeightsMismatchError,
+    WeightsUnavailableError,
+    check_checkpoint_matches,
+    init_networks_from,
+)
+
+
+def tiny_config(num_labels: int = 3, backbone: str = "resnet18") -> CPSConfig:
+    names = [f"class{i}" for i in range(num_labels)]
+    return CPSConfig(backbone=backbone, num_labels=num_labels, id2label=dict(enumerate(names)),
+                     label2id={name: i for i, name in enumerate(names)}, aspp_channels=16, decoder_channels=16,
+                     low_level_channels=8)
+
+
+def trained_like(state_dict: dict, seed: int = 0) -> dict:
+    """Every float tensor made different from any init (positive: valid running_var too)."""
+    generator = torch.Generator().manual_seed(seed)
+    return {k: (torch.rand(v.shape, generator=generator) + 0.5 if v.is_floating_point() else v)
+            for k, v in state_dict.items()}
+
+
+def save_checkpoint(networks: list, folder) -> None:
+    """What the trainer's `accelerator.save_state` writes (model.safetensors, model_1.safetensors, ...),
+    in a fresh accelerate state that is undone afterwards, as tests/test_train.py does."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        accelerator = Accelerator()
+        accelerator.prepare(*networks)
+        accelerator.save_state(str(folder))
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
+def same_tensors(first: dict, second: dict) -> bool:
+    return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+# ---------------------------------------------------------------------------------------------
+# --pretrained_backbone <file>
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def resnet18_weights():
+    return trained_like(timm.create_model("resnet18").state_dict())
+
+
+@pytest.mark.parametrize("suffix", ["pth", "safetensors"])
+def test_a_timm_checkpoint_loads_every_backbone_tensor(tmp_path, resnet18_weights, suffix, caplog):
+    path = tmp_path / f"resnet18.{suffix}"
+    torch.save(resnet18_weights, path) if suffix == "pth" else save_file(resnet18_weights, path)
+    model = CPSForSemanticSegmentation(tiny_config())
+    with caplog.at_level("INFO", logger="cps_hf.weights"):
+        model.load_pretrained_backbone(path)
+    backbone = model.backbone.state_dict()
+    assert all(torch.equal(v, resnet18_weights[k]) for k, v in backbone.items() if v.is_floating_point())
+    assert "loaded 100 of the backbone's 100 weight tensors" in caplog.text
+
+
+def test_a_file_that_fits_no_backbone_tensor_is_refused(tmp_path):
+    path = tmp_path / "other.pth"
+    torch.save({"encoder.stem.weight": torch.randn(8, 3, 3, 3)}, path)
+    model = CPSForSemanticSegmentation(tiny_config())
+    with pytest.raises(WeightsMismatchError, match=r"none of its 1 tensors fit backbone 'resnet18'") as caught:
+        model.load_pretrained_backbone(path)
+    assert "\n" not in str(caught.value) and "'none'" in str(caught.value)
+
+
+def test_a_partial_file_warns_with_counts_and_loads_what_fits(tmp_path, resnet18_weights):
+    path = tmp_path / "no_layer4.pth"
+    torch.save({k: v for k, v in resnet18_weights.items() if not k.startswith("layer4")}, path)
+    model = CPSForSemanticSegmentation(tiny_config())
+    layer4_before = model.backbone.layer4.state_dict()
+    with pytest.warns(UserWarning, match=r"loaded 75 of the backbone's 100 .* 25 keep their random init"):
+        model.load_pretrained_backbone(path)
+    assert torch.equal(model.backbone.conv1.weight, resnet18_weights["conv1.weight"])
+    assert same_tensors(model.backbone.layer4.state_dict(), layer4_before)
+
+
+def test_a_file_with_other_shapes_is_one_line(tmp_path, resnet18_weights):
+    path = tmp_path / "wrong.pth"
+    torch.save(dict(resnet18_weights, **{"conv1.weight": torch.randn(64, 3, 3, 3)}), path)
+    with pytest.raises(WeightsMismatchError, match=r"does not fit backbone 'resnet18': size mismatch for conv1.weight"):
+        CPSForSemanticSegmentation(tiny_config()).load_pretrained_backbone(path)
+
+
+def test_a_cps_hf_model_file_gives_its_backbone_and_points_to_init_from(tmp_path):
+    trained = CPSForSemanticSegmentation(tiny_config(num_labels=5))
+    trained.load_state_dict(trained_like(trained.state_dict()))
+    trained.save_pretrained(tmp_path / "model")
+    model = CPSForSemanticSegmentation(tiny_config(num_labels=3))  # other classes: only the backbone carries over
+    with pytest.warns(UserWarning, match=r"cps_hf model: took its backbone only.*--init_from"):
+        model.load_pretrained_backbone(tmp_path / "model" / "model.safetensors")
+    assert same_tensors(model.backbone.state_dict(), trained.backbone.state_dict())
+
+    other = CPSForSemanticSegmentation(tiny_config(backbone="mobilenetv3_small_100"))
+    with pytest.raises(WeightsMismatchError, match=r"backbone 'resnet18' .*this run's backbone is 'mobilenetv3"):
+        other.load_pretrained_backbone(tmp_path / "model" / "model.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------
+# --pretrained_backbone timm without a network: one line, fast
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def empty_hub_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return tmp_path / "hub"
+
+
+@pytest.fixture
+def dead_network(monkeypatch):
+    """Online mode against an endpoint that refuses connections (huggingface_hub would retry it ~25 s)."""
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+
+
+def test_hub_backbone_offline_and_not_cached_is_one_line(empty_hub_cache):
+    model = CPSForSemanticSegmentation(tiny_config())
+    with pytest.raises(WeightsUnavailableError) as caught:
+        model.load_pretrained_backbone(True)
+    message = str(caught.value)
+    assert "timm resnet18.a1_in1k, Hub repo timm/resnet18.a1_in1k" in message and "HF_HUB_OFFLINE" in message
+    assert "--pretrained_backbone none" in message and "\n" not in message
+
+
+def test_hub_backbone_without_network_fails_fast(empty_hub_cache, dead_network):
+    model = CPSForSemanticSegmentation(tiny_config())
+    start = time.monotonic()
+    with pytest.raises(WeightsUnavailableError, match=r"Hub repo timm/resnet18.a1_in1k\): http://127.0.0.1:9 is unr"):
+        model.load_pretrained_backbone(True)
+    assert time.monotonic() - start < 10
+
+
+def test_hub_backbone_without_network_uses_the_cache(empty_hub_cache, dead_network, resnet18_weights):
+    snapshot = empty_hub_cache / "models--timm--resnet18.a1_in1k" / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    save_file(resnet18_weights, snapshot / "model.safetensors")
+    (empty_hub_cache / "models--timm--resnet18.a1_in1k" / "refs").mkdir()
+    (empty_hub_cache / "models--timm--resnet18.a1_in1k" / "refs" / "main").write_text("0123abc")
+    model = CPSForSemanticSegmentation(tiny_config()).load_pretrained_backbone(True)
+    assert torch.equal(model.backbone.layer4[1].bn2.running_var, resnet18_weights["layer4.1.bn2.running_var"])
+    assert model.config.backbone_pretrained_source == "timm/resnet18.a1_in1k"
+
+
+# ---------------------------------------------------------------------------------------------
+# --init_from
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    trained = CPSForSemanticSegmentation(tiny_config())
+    trained.load_state_dict(trained_like(trained.state_dict(), seed=1))
+    folder = tmp_path_factory.mktemp("export") / "model"
+    trained.save_pretrained(folder)
+    return folder, trained.state_dict()
+
+
+def test_init_from_an_export_gives_network_1_all_and_the_others_its_backbone(exported):
+    folder, trained = exported
+    networks = build_networks(tiny_config(), 2, pretrained="timm", seed=0, init_from=str(folder))  # timm: not fetched
+    assert same_tensors(networks[0].state_dict(), trained)
+    second = networks[1].state_dict()
+    assert all(torch.equal(second[k], trained[k]) for k in trained if k.startswith("backbone."))
+    assert not torch.equal(second["decode_head.classifier.weight"], trained["decode_head.classifier.weight"])
+    init_networks_from(networks, str(folder), copy_heads=True)
+    assert same_tensors(networks[1].state_dict(), trained)
+
+
+def test_init_from_a_checkpoint_loads_each_network(tmp_path):
+    saved = [CPSForSemanticSegmentation(tiny_config()) for _ in range(2)]
+    for seed, network in enumerate(saved):
+        network.load_state_dict(trained_like(network.state_dict(), seed=seed + 10))
+    save_checkpoint(saved, tmp_path / "step_4")
+    networks = build_networks(tiny_config(), 2, init_from=str(tmp_path / "step_4"))
+    for network, original in zip(networks, saved):
+        assert same_tensors(network.state_dict(), {k: v.cpu() for k, v in original.state_dict().items()})
+
+
+def test_init_from_refuses_other_classes_and_backbones_in_one_line(exported, tmp_path):
+    folder, _ = exported
+    with pytest.raises(WeightsMismatchError, match=r"has 3 classes, this run's dataset 5.*--pretrained_backbone"):
+        build_networks(tiny_config(num_labels=5), 2, init_from=str(folder))
+    with pytest.raises(WeightsMismatchError, match=r"its backbone is 'resnet18', this run's is 'mobilenetv3_small"):
+        build_networks(tiny_config(backbone="mobilenetv3_small_100"), 1, init_from=str(folder))
+    with pytest.raises(FileNotFoundError, match=r"--init_from outputs/nowhere/model: no such file or folder"):
+        build_networks(tiny_config(), 1, init_from="outputs/nowhere/model")
+    with pytest.raises(WeightsUnavailableError, match=r"--init_from someone/cps-model: could not load"):
+        build_networks(tiny_config(), 1, init_from="someone/cps-model")
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming: the checkpoint must hold this run's networks
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint_of_5_classes(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("run") / "step_4"
+    save_checkpoint([CPSForSemanticSegmentation(tiny_config(num_labels=5)) for _ in range(2)], folder)
+    return folder
+
+
+def test_check_checkpoint_matches_passes_the_same_networks(checkpoint_of_5_classes):
+    check_checkpoint_matches(checkpoint_of_5_classes, build_networks(tiny_config(num_labels=5), 2))
+
+
+def test_check_checkpoint_refuses_other_classes_method_and_backbone(checkpoint_of_5_classes):
+    with pytest.raises(WeightsMismatchError) as caught:
+        check_checkpoint_matches(checkpoint_of_5_classes, build_networks(tiny_config(num_labels=3), 2))
+    assert str(caught.value) == (
+        "checkpoint step_4 was trained with 5 classes (decode_head.classifier.weight [5, 16, 1, 1]); this run has 3: "
+        "use the same dataset/classes or start a new --output_dir"
+    )
+    with pytest.raises(WeightsMismatchError, match=r"step_4 holds 2 networks .*this run builds 1: .*--method"):
+        check_checkpoint_matches(checkpoint_of_5_classes, build_networks(tiny_config(num_labels=5), 1))
+    with pytest.raises(WeightsMismatchError, match=r"step_4 \(model.safetensors\) does not fit .*--backbone"):
+        check_checkpoint_matches(checkpoint_of_5_classes,
+                                 build_networks(tiny_config(num_labels=5, backbone="mobilenetv3_small_100"), 2))
