@@ -17,7 +17,9 @@ from accelerate.utils import DistributedDataParallelKwargs
 from torch import nn
 
 from .configuration_cps import CPSConfig
-from .modeling_cps import CPSForSemanticSegmentation
+from .errors import ConfigError
+from .inference import make_eval_protocol
+from .modeling_cps import CPSForSemanticSegmentation, UnknownBackboneError
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
 
@@ -36,6 +38,8 @@ def model_config_from_args(args, class_names: list[str], ignore_index: int = 255
         id2label=dict(enumerate(class_names)),
         label2id={name: index for index, name in enumerate(class_names)},
         semantic_loss_ignore_index=ignore_index,
+        # What the trainer evaluates with; scripts/evaluate_cps.py uses it by default.
+        eval_protocol=make_eval_protocol(args.eval_mode, args.eval_crop_size or args.crop_size, args.eval_stride),
     )
 
 
@@ -50,16 +54,28 @@ def per_device_batch_size(global_batch_size: int, num_processes: int, accumulati
     return global_batch_size // share
 
 
-def build_networks(config: CPSConfig, num_models: int, pretrained: str = "none", seed: int = 0) -> list[nn.Module]:
+def build_networks(
+    config: CPSConfig, num_models: int, pretrained: str = "none", seed: int = 0, init_from: str | None = None
+) -> list[nn.Module]:
     """CPS's perturbation: the same backbone weights in every network, a differently seeded head in each.
 
     `pretrained` is "timm" (Hub weights by timm name), a local checkpoint path, or "none".
     The backbone of network 1 is copied into the others, so they share it even from random init.
+    `init_from` (a trained cps_hf model or step_N checkpoint, see `weights.init_networks_from`)
+    replaces all of that, so `pretrained` is then not fetched at all.
     """
+    from .weights import init_networks_from
+
     networks = []
     for index in range(num_models):
         torch.manual_seed(seed * 1000 + index)  # head init differs per network and is reproducible
-        networks.append(CPSForSemanticSegmentation(config))
+        try:
+            networks.append(CPSForSemanticSegmentation(config))
+        except UnknownBackboneError as error:
+            raise ConfigError(f"--backbone: {error}") from None
+    if init_from:
+        init_networks_from(networks, init_from)
+        return networks
     if pretrained not in ("none", "", None):
         networks[0].load_pretrained_backbone(True if pretrained == "timm" else pretrained)
     for network in networks[1:]:
@@ -199,14 +215,17 @@ class TrainProgress:
         self.step = 0
         self.best_mean_iou = float("nan")
         self.best_step = -1
+        self.nonfinite_skipped = 0  # steps skipped for a NaN/inf loss (--skip_nonfinite_steps)
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "best_mean_iou": self.best_mean_iou, "best_step": self.best_step}
+        return {"step": self.step, "best_mean_iou": self.best_mean_iou, "best_step": self.best_step,
+                "nonfinite_skipped": self.nonfinite_skipped}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
         self.best_mean_iou = float(state["best_mean_iou"])
         self.best_step = int(state["best_step"])
+        self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))  # absent in older checkpoints
 
     def update_best(self, mean_iou: float, step: int) -> bool:
         if self.best_step < 0 or mean_iou > self.best_mean_iou:
@@ -276,3 +295,19 @@ def parameter_fingerprint(networks: list[nn.Module]) -> str:
             digest.update(name.encode())
             digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def check_run_settings(args, accelerator, num_labeled: int) -> None:
+    """Refuse, before anything is written, settings that cannot do what they say."""
+    if args.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise ConfigError(
+            "--mixed_precision fp16: this run is on the CPU, where fp16 autocast does not run (it would train in "
+            "fp32 while the config says fp16); use --mixed_precision bf16 or no, or run on a GPU"
+        )
+    per_step = args.per_device_train_batch_size * accelerator.num_processes
+    if per_step > num_labeled:
+        raise ConfigError(
+            f"--per_device_train_batch_size {args.per_device_train_batch_size} x {accelerator.num_processes} "
+            f"process(es) asks for {per_step} labeled images per step, but the labeled set has {num_labeled}: "
+            "every batch would repeat labeled images; lower the batch size or label more images (--labeled)"
+        )

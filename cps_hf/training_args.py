@@ -19,6 +19,8 @@ from typing import Literal
 import yaml
 from transformers import HfArgumentParser
 
+from .errors import ConfigError
+
 
 @dataclass
 class CPSTrainingConfig:
@@ -47,16 +49,32 @@ class CPSTrainingConfig:
         metadata={"help": "Samples per epoch of a streamed unlabeled pool that does not report its size (--dataset hub)."},
     )
     shuffle_buffer: int = field(default=1000, metadata={"help": "Shuffle buffer of a streamed unlabeled pool."})
+    skip_bad_samples: bool = field(
+        default=False,
+        metadata={"help": "Train without the labeled/unlabeled samples whose files fail the up-front data check "
+                  "(listed in output_dir/skipped_samples.jsonl); bad val samples still stop the run."},
+    )
 
     # ---- model -----------------------------------------------------------------------------
     backbone: str = field(default="resnet50s", metadata={"help": "timm backbone name."})
-    pretrained_backbone: str = field(default="timm", metadata={"help": "'timm' (Hub weights by timm name), a local checkpoint path, or 'none'."})
+    pretrained_backbone: str = field(
+        default="timm",
+        metadata={"help": "'timm' (Hub weights by timm name), a local checkpoint file (timm/PyTorch, or a cps_hf "
+                  "model.safetensors whose backbone is taken), or 'none'. A file that matches no tensor is refused."},
+    )
+    init_from: str | None = field(
+        default=None,
+        metadata={"help": "Start from a trained cps_hf model: an exported model folder, a Hub id, a .safetensors "
+                  "file, or a step_N checkpoint (one file per network). Network 1 takes it whole; with a "
+                  "one-network source the others take its backbone and keep their own seeded heads. "
+                  "Replaces --pretrained_backbone; needs the same backbone, head sizes and classes."},
+    )
     output_stride: int | None = field(default=16, metadata={"help": "Backbone output stride (16 or 8); none for backbones that cannot dilate."})
     multi_grid: list[int] | None = field(default=None, metadata={"help": "Unit multi-grid of the last ResNet stage, e.g. 1 2 4 (the original)."})
     aspp_rates: list[int] = field(default_factory=lambda: [6, 12, 18], metadata={"help": "ASPP dilation rates."})
-    aspp_channels: int = 256
-    decoder_channels: int = 256
-    low_level_channels: int = 48
+    aspp_channels: int = field(default=256, metadata={"help": "Channels of each ASPP branch and of its output."})
+    decoder_channels: int = field(default=256, metadata={"help": "Channels of the two 3x3 decoder convs."})
+    low_level_channels: int = field(default=48, metadata={"help": "Channels the stride-4 features are projected to."})
 
     # ---- method ----------------------------------------------------------------------------
     method: Literal["supervised", "cps", "cps_cutmix"] = field(default="cps_cutmix", metadata={"help": "Training method."})
@@ -66,7 +84,7 @@ class CPSTrainingConfig:
     cps_on_labeled: bool = field(default=True, metadata={"help": "Plain CPS: also apply L_cps on labeled images (Table 4)."})
     cutmix_same_image: bool = field(default=False, metadata={"help": "Reproduce the original's bug: CutMix mixes two views of the same image."})
     sup_loss: Literal["ce", "ohem"] = field(default="ce", metadata={"help": "Supervised loss: CE (VOC) or OHEM (Cityscapes)."})
-    ohem_threshold: float = 0.7
+    ohem_threshold: float = field(default=0.7, metadata={"help": "OHEM keeps pixels whose true-class probability is below this."})
     ohem_min_kept: int = field(default=50000, metadata={"help": "OHEM keeps at least this many pixels per group of images."})
     ohem_images_per_group: int = field(
         default=1,
@@ -77,15 +95,22 @@ class CPSTrainingConfig:
     # ---- optimisation ----------------------------------------------------------------------
     per_device_train_batch_size: int = field(default=8, metadata={"help": "Labeled images per device per step (the same number of unlabeled images)."})
     global_batch_size: int | None = field(default=None, metadata={"help": "If set, per-device batch = this / (processes x accumulation): the paper's 8 on any number of GPUs."})
-    learning_rate: float = 0.0025
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
+    learning_rate: float = field(default=0.0025, metadata={"help": "Base learning rate (SGD), decayed by the poly schedule."})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum."})
+    weight_decay: float = field(default=1e-4, metadata={"help": "Weight decay (not applied to BatchNorm and biases)."})
     lr_power: float = field(default=0.9, metadata={"help": "Poly decay power, per iteration."})
     num_train_epochs: int = field(default=34, metadata={"help": "Epochs over the unlabeled set."})
     max_train_steps: int | None = field(default=None, metadata={"help": "Overrides num_train_epochs when set."})
-    gradient_accumulation_steps: int = 1
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    seed: int = 0
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    mixed_precision: Literal["no", "fp16", "bf16"] = field(
+        default="no", metadata={"help": "Autocast precision; fp16 needs a GPU (on CPU use bf16 or no)."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seeds the labeled subset, the initialisation, the data order and CutMix."})
+    skip_nonfinite_steps: int = field(
+        default=0,
+        metadata={"help": "A NaN/inf loss stops the run (0, default); N > 0 skips up to N such steps without "
+                  "updating the networks, logging each, then stops."},
+    )
 
     # ---- evaluation, logging, checkpoints, export -----------------------------------------
     eval_steps: int | None = field(default=None, metadata={"help": "Evaluate every N steps (always at the end)."})
@@ -93,36 +118,52 @@ class CPSTrainingConfig:
     eval_crop_size: int | None = field(default=None, metadata={"help": "Sliding-window / padding size (default: crop_size)."})
     eval_stride: int | None = field(default=None, metadata={"help": "Sliding-window stride (the original: 534 at crop 800)."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N validation images only (quick runs)."})
-    logging_steps: int = 10
+    logging_steps: int = field(default=10, metadata={"help": "Log losses, lr and throughput every N steps."})
     checkpointing_steps: int | None = field(default=None, metadata={"help": "Save accelerate state every N steps as step_N."})
     checkpoints_total_limit: int | None = field(default=None, metadata={"help": "Keep at most this many step_N folders."})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "A step_N folder, or 'latest'."})
-    output_dir: str = "outputs/cps"
+    output_dir: str = field(default="outputs/cps", metadata={"help": "Where the model, logs, results and checkpoints go."})
     report_to: str = field(default="tensorboard", metadata={"help": "accelerate trackers: tensorboard, wandb, all, none (tensorboard is skipped if not installed)."})
     save_best_model: bool = field(
         default=False,
         metadata={"help": "Also export the best-evaluated network to model_best/ (the original reports the best of its "
                   "last checkpoints: a choice made on the val split, so say so when you report it)."},
     )
-    push_to_hub: bool = False
-    hub_model_id: str | None = None
-    hub_token: str | None = None
+    push_to_hub: bool = field(default=False, metadata={"help": "Upload model/ (with its card) to --hub_model_id at the end."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repo for --push_to_hub, e.g. you/cps-voc-r101-1-8."})
+    hub_token: str | None = field(
+        default=None,
+        repr=False,
+        metadata={"help": "Hub token for --push_to_hub. Better: HF_TOKEN or `hf auth login` (huggingface_hub's own). "
+                  "Never written anywhere (config, card, trackers, logs)."},
+    )
 
     def __post_init__(self):
         if self.method != "supervised" and self.cps_weight < 0:
-            raise ValueError(f"cps_weight must be >= 0, got {self.cps_weight}")
+            raise ConfigError(f"cps_weight must be >= 0, got {self.cps_weight}")
         if self.push_to_hub and not self.hub_model_id:
-            raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/cps-voc-r101-1-8)")
+            raise ConfigError("--push_to_hub needs --hub_model_id (e.g. your-name/cps-voc-r101-1-8)")
         if self.unlabeled_stream and self.unlabeled_extra:
-            raise ValueError("give --unlabeled_extra (a split or protocol) or --unlabeled_stream, not both")
+            raise ConfigError("give --unlabeled_extra (a split or protocol) or --unlabeled_stream, not both")
         if self.unlabeled_length is not None and self.unlabeled_length < 1:
-            raise ValueError(f"unlabeled_length must be >= 1, got {self.unlabeled_length}")
-        for name in ("per_device_train_batch_size", "crop_size", "gradient_accumulation_steps", "logging_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            raise ConfigError(f"unlabeled_length must be >= 1, got {self.unlabeled_length}")
+        for name in ("per_device_train_batch_size", "crop_size", "gradient_accumulation_steps", "logging_steps",
+                     "num_train_epochs", "max_train_steps", "eval_steps", "checkpointing_steps", "global_batch_size",
+                     "eval_crop_size", "eval_stride"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"--learning_rate must be > 0, got {self.learning_rate}")
+        for name in ("momentum", "weight_decay", "skip_nonfinite_steps", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Every field but the secrets: what the saved config, the trackers and the model card get."""
+        return {name: value for name, value in dataclasses.asdict(self).items() if name not in SECRET_FIELDS}
+
+
+SECRET_FIELDS = frozenset({"hub_token"})  # kept out of to_dict(), so out of every file a run writes
 
 
 def _field_names() -> set[str]:
@@ -133,13 +174,13 @@ def load_yaml_config(path: str | Path) -> dict:
     """Read a preset, refusing fields that do not exist (a typo must not train with a default)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
+        raise ConfigError(f"config file {path} does not exist")
     values = yaml.safe_load(path.read_text()) or {}
     if not isinstance(values, dict):
-        raise ValueError(f"config file {path} must hold a mapping of field: value, got {type(values).__name__}")
+        raise ConfigError(f"config file {path} must hold a mapping of field: value, got {type(values).__name__}")
     unknown = sorted(set(values) - _field_names())
     if unknown:
-        raise ValueError(f"config file {path}: unknown field(s) {unknown}; see `python scripts/train_cps.py --help`")
+        raise ConfigError(f"config file {path}: unknown field(s) {unknown}; see `python scripts/train_cps.py --help`")
     return values
 
 
@@ -152,6 +193,10 @@ def parse_args(argv: list[str] | None = None) -> CPSTrainingConfig:
 
     parser = HfArgumentParser(CPSTrainingConfig, description="Train CPS (Cross Pseudo Supervision) segmentation models.")
     parser.add_argument("--config", default=None, help="YAML preset from configs/; flags override its fields.")
+    for action in parser._actions:  # HfArgumentParser gives `--no_X` the help of `--X`
+        negated = [option for option in action.option_strings if option.startswith("--no_")]
+        if negated:
+            action.help = f"Turn off --{negated[0][len('--no_'):]}."
     if known.config:
         parser.set_defaults(**load_yaml_config(known.config))
     rest = _take_explicit_nones(parser, rest)

@@ -4,9 +4,12 @@
     accelerate launch scripts/train_cps.py --config configs/voc_r101_1-8_cutmix.yaml
     python scripts/train_cps.py --config configs/demo.yaml --data_root demo_data
 
-One linear main(): arguments, accelerator, data, models, method, optimizer, scheduler, prepare,
-trackers, resume, loop, evaluation, save and push. The method (supervised / cps / cps_cutmix)
-is a small unit the loop calls; the loop is the same for all of them.
+main() parses the flags and runs train() under a failure marker: a run that raises leaves
+FAILED.json and never a finished-looking folder. train() is one linear function: accelerator,
+data (checked up front), method, models, optimizer, scheduler, prepare, resume, config and
+trackers, loop, evaluation, save and push. The method (supervised / cps / cps_cutmix) is a small
+unit the loop calls; the loop is the same for all of them. A mistake the user can fix prints one
+line (`--debug` for the traceback).
 """
 
 from __future__ import annotations
@@ -27,13 +30,16 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from cps_hf.cli import run_cli  # noqa: E402
 from cps_hf.data import (  # noqa: E402
     EvalTransform,
     TrainStreams,
     TrainTransform,
     build_datasets,
     load_unlabeled_stream,
+    preflight_check,
 )
+from cps_hf.failures import NonFiniteGuard, check_finite_state, failure_marker  # noqa: E402
 from cps_hf.hub import build_model_card, export_model, push_model  # noqa: E402
 from cps_hf.inference import TransformedDataset, evaluate_model  # noqa: E402
 from cps_hf.losses import OhemCrossEntropy, cross_entropy  # noqa: E402
@@ -44,6 +50,7 @@ from cps_hf.training import (  # noqa: E402
     TrainProgress,
     broadcast_buffers_from_main,
     build_networks,
+    check_run_settings,
     checkpoint_step,
     ddp_kwargs,
     eval_scalars,
@@ -60,6 +67,7 @@ from cps_hf.training import (  # noqa: E402
     reduce_logs,
 )
 from cps_hf.training_args import parse_args, save_yaml_config  # noqa: E402
+from cps_hf.weights import check_checkpoint_matches  # noqa: E402
 
 logger = get_logger(__name__)
 
@@ -93,8 +101,12 @@ def _to_device(batch, device):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    # ---- arguments -------------------------------------------------------------------------
     args = parse_args(argv)
+    with failure_marker(args.output_dir):
+        return train(args)
+
+
+def train(args) -> dict:
     output_dir = Path(args.output_dir)
 
     # ---- accelerator -----------------------------------------------------------------------
@@ -111,10 +123,6 @@ def main(argv: list[str] | None = None) -> dict:
         args.per_device_train_batch_size = per_device_batch_size(
             args.global_batch_size, accelerator.num_processes, args.gradient_accumulation_steps
         )
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml_config(args, output_dir / "training_config.yaml")
-    accelerator.wait_for_everyone()
 
     # ---- data ------------------------------------------------------------------------------
     unlabeled_extra = args.unlabeled_extra
@@ -125,6 +133,12 @@ def main(argv: list[str] | None = None) -> dict:
         args.dataset, args.data_root, args.labeled, seed=args.seed, train_split=args.train_split,
         val_split=args.val_split, unlabeled_extra=unlabeled_extra,
     )
+    with accelerator.main_process_first():  # rank 0 checks every file and caches; the others reuse its cache
+        bundle = preflight_check(
+            bundle, cache_file=output_dir / "data_check.json", skip_bad_samples=args.skip_bad_samples,
+            skipped_file=output_dir / "skipped_samples.jsonl",
+        )
+    check_run_settings(args, accelerator, num_labeled=len(bundle.labeled))
     method = build_method(
         args.method,
         sup_criterion=(
@@ -161,7 +175,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- models ----------------------------------------------------------------------------
     model_config = model_config_from_args(args, bundle.class_names, bundle.ignore_index)
-    networks = build_networks(model_config, method.num_models, pretrained=args.pretrained_backbone, seed=args.seed)
+    networks = build_networks(model_config, method.num_models, pretrained=args.pretrained_backbone, seed=args.seed,
+                              init_from=args.init_from)
     for network in networks:
         unreachable = freeze_unreachable_parameters(network)
     if unreachable:
@@ -177,29 +192,34 @@ def main(argv: list[str] | None = None) -> dict:
     *networks, optimizer, scheduler = accelerator.prepare(*networks, optimizer, scheduler)
     progress = TrainProgress()
     accelerator.register_for_checkpointing(streams, progress)
-
-    # ---- trackers --------------------------------------------------------------------------
-    if accelerator.log_with:
-        tracker_config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in args.to_dict().items()}
-        accelerator.init_trackers("cps_hf", config=tracker_config)
     log = JsonlLog(output_dir / "log.jsonl", enabled=accelerator.is_main_process)
+    nonfinite = NonFiniteGuard(args.skip_nonfinite_steps, accelerator, progress)
 
     # ---- resume ----------------------------------------------------------------------------
     if args.resume_from_checkpoint:
         checkpoint = find_checkpoint(output_dir, args.resume_from_checkpoint)
         accelerator.print(f"resuming from {checkpoint}")
+        check_checkpoint_matches(checkpoint, [accelerator.unwrap_model(n) for n in networks])  # one line, not a size dump
         accelerator.load_state(str(checkpoint))  # models, optimizer, scheduler, RNG, data streams, progress
         if progress.step != checkpoint_step(checkpoint):
             raise RuntimeError(f"{checkpoint}: saved progress is at step {progress.step}, folder says otherwise")
         log.truncate_after(progress.step)
 
+    # ---- config and trackers: only now, so a run that fails to start leaves nothing that looks started
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml_config(args, output_dir / "training_config.yaml")  # to_dict(): never the hub token
+    if accelerator.log_with:
+        tracker_config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in args.to_dict().items()}
+        accelerator.init_trackers("cps_hf", config=tracker_config)
+
     def run_evaluation() -> dict:
         broadcast_buffers_from_main(networks, accelerator)  # every rank evaluates the model rank 0 exports
+        check_finite_state([accelerator.unwrap_model(n) for n in networks], f"step {progress.step}")
         results = evaluate_model(
             [accelerator.unwrap_model(networks[0])], val_set, num_labels=model_config.num_labels,
-            ignore_index=bundle.ignore_index, mode=args.eval_mode,
-            crop_size=args.eval_crop_size or args.crop_size, stride=args.eval_stride, accelerator=accelerator,
-        )  # evaluate_model restores the network's training mode
+            ignore_index=bundle.ignore_index, **model_config.eval_protocol, accelerator=accelerator,
+        )  # the protocol the export records, so evaluate_cps.py gives the same numbers; restores training mode
         return {f"eval_{key}": value for key, value in results.items()}
 
     def export_network(folder: Path, results: dict) -> None:
@@ -220,15 +240,21 @@ def main(argv: list[str] | None = None) -> dict:
     window_start, window_images = time.perf_counter(), 0
     images_per_step = args.per_device_train_batch_size * (1 + method.num_unlabeled_streams) * accelerator.num_processes
     while progress.step < max_train_steps:
-        micro_logs = []
+        micro_logs, update = [], True
         for micro_step in range(args.gradient_accumulation_steps):
             batch = _to_device(next(streams), accelerator.device)
             with accelerator.accumulate(*networks):
                 step_lr = optimizer.param_groups[0]["lr"]  # the LR this update uses (logged below)
                 output = method(networks, batch, progress.step, rank=accelerator.process_index, micro_step=micro_step)
                 micro_logs.append(output.logs)
+                if update and not nonfinite.loss_is_finite(output.loss, output.logs, progress.step + 1):  # raises unless a skip is left
+                    update = False
+                    log.write({"step": progress.step + 1, "skipped_nonfinite_loss": True, **output.logs})
+                    accelerator.print(f"step {progress.step + 1}: non-finite loss, no update "
+                                      f"({progress.nonfinite_skipped} of {args.skip_nonfinite_steps} skips used)")
                 accelerator.backward(output.loss)
-                optimizer.step()
+                if update:  # a skipped step leaves the weights and optimizer state untouched
+                    optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
         progress.step += 1
@@ -290,6 +316,7 @@ def main(argv: list[str] | None = None) -> dict:
         "num_labeled": len(bundle.labeled),
         "num_unlabeled": _size(bundle.unlabeled),
         "num_processes": accelerator.num_processes,
+        "nonfinite_steps_skipped": progress.nonfinite_skipped,
         "parameter_fingerprint": fingerprints[0],
     }
     scalars = eval_scalars(final, bundle.class_names)
@@ -315,4 +342,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    main()
+    sys.exit(run_cli(main))

@@ -5,6 +5,8 @@ protocol ids absent from the tree) raises `DatasetError` with a message that nam
 field and what is wrong, so a user can fix the data instead of debugging the trainer.
 """
 
+from ..errors import UserInputError
 
-class DatasetError(ValueError):
+
+class DatasetError(UserInputError, ValueError):
     """Bad or missing input data; the message names the file/field and the problem."""

@@ -1,0 +1,34 @@
+"""The scripts' entry point: a user's mistake is one line on stderr and exit status 2.
+
+`--debug` (or CPS_HF_DEBUG=1) shows the full traceback instead. Under `accelerate launch`, each
+process prints its own line; add `--quiet` to `accelerate launch` so the launcher does not add a
+traceback of its own when the script exits non-zero.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Sequence
+
+from .errors import UserInputError
+
+DEBUG_FLAG = "--debug"
+DEBUG_ENV = "CPS_HF_DEBUG"
+
+
+def run_cli(main: Callable[[list[str]], object], argv: Sequence[str] | None = None) -> int:
+    """Run `main(argv)`; exit status 0, or 2 with one `error: ...` line for a `UserInputError`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    argv = [arg for arg in argv if arg != DEBUG_FLAG]
+    try:
+        main(argv)
+    except UserInputError as error:
+        if debug:
+            raise
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        where = f" (rank {os.environ.get('RANK', '?')})" if world > 1 else ""
+        print(f"error{where}: {error}", file=sys.stderr, flush=True)
+        return 2
+    return 0

@@ -1,0 +1,116 @@
+"""What a run does when it goes wrong, so that it never looks finished when it is not.
+
+- `NonFiniteGuard`: a NaN/inf loss stops the run at that step, naming the loss terms; with
+  `--skip_nonfinite_steps N` up to N such steps are skipped (no parameter update) and logged.
+- `check_finite_state`: no network with a NaN/inf weight or BN statistic is evaluated or exported.
+- `failure_marker`: a run that raises leaves `FAILED.json` (the error, when, the last complete
+  checkpoint) in its output folder; a run that finishes removes a stale one.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .errors import UserInputError
+
+FAILED_MARKER = "FAILED.json"
+
+
+class NonFiniteLossError(UserInputError, RuntimeError):
+    """The loss became NaN or infinite: the run diverged (its settings need changing) or a batch is broken."""
+
+
+class NonFiniteStateError(UserInputError, RuntimeError):
+    """A network holds NaN or infinite weights or statistics."""
+
+
+def _format_terms(logs: dict) -> str:
+    return ", ".join(f"{name}={value:.4g}" for name, value in logs.items() if name.startswith("loss"))
+
+
+class NonFiniteGuard:
+    """Decides, identically on every rank, whether this step's loss may update the networks.
+
+    The non-finite flag is summed over ranks so that no rank steps while another skips (their
+    weights would drift apart). The number of skips so far travels with the checkpoints through
+    the `TrainProgress` object that holds it.
+    """
+
+    def __init__(self, max_skips: int, accelerator, progress):
+        self.max_skips = max_skips
+        self.accelerator = accelerator
+        self.progress = progress
+
+    def loss_is_finite(self, loss: torch.Tensor, logs: dict, step: int) -> bool:
+        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        if not bad.item():
+            return True
+        if self.progress.nonfinite_skipped >= self.max_skips:
+            budget = f"all {self.max_skips} allowed skips are used; " if self.max_skips else ""
+            raise NonFiniteLossError(
+                f"step {step}: the loss is not finite on {int(bad.item())} process(es) ({_format_terms(logs)}); "
+                f"{budget}the run is stopped and no model is exported. Lower --learning_rate, check the data, "
+                "resume from the last checkpoint, or pass --skip_nonfinite_steps N to skip up to N such steps"
+            )
+        self.progress.nonfinite_skipped += 1
+        return False
+
+
+def nonfinite_tensors(networks: Iterable[nn.Module]) -> list[str]:
+    """Names (network index: tensor) of floating-point parameters and buffers holding NaN or inf."""
+    found = []
+    for index, network in enumerate(networks, start=1):
+        for name, tensor in [*network.named_parameters(), *network.named_buffers()]:
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                found.append(f"network {index}: {name}")
+    return found
+
+
+def check_finite_state(networks: Iterable[nn.Module], when: str) -> None:
+    bad = nonfinite_tensors(networks)
+    if bad:
+        raise NonFiniteStateError(
+            f"{when}: {len(bad)} tensor(s) hold NaN or inf, e.g. {', '.join(bad[:3])}; the run diverged, "
+            "so nothing is exported. Lower --learning_rate or resume from an earlier checkpoint"
+        )
+
+
+def _last_complete_checkpoint(output_dir: Path) -> str | None:
+    from .training import complete_step_folders  # training imports the model: keep this module light
+
+    folders = complete_step_folders(output_dir)
+    return folders[-1].name if folders else None
+
+
+@contextmanager
+def failure_marker(output_dir: str | Path, enabled: bool = True):
+    """Write FAILED.json when the block raises (then re-raise); remove a stale one when it succeeds."""
+    marker = Path(output_dir) / FAILED_MARKER
+    try:
+        yield
+    except BaseException as error:
+        if enabled and not isinstance(error, SystemExit):
+            output = Path(output_dir)
+            output.mkdir(parents=True, exist_ok=True)
+            interrupted = isinstance(error, KeyboardInterrupt)
+            marker.write_text(json.dumps({
+                "status": "interrupted" if interrupted else "failed",
+                "error": f"{type(error).__name__}: {error}",
+                "time": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+                "last_complete_checkpoint": _last_complete_checkpoint(output),
+                "traceback": traceback.format_exception(error)[-3:],
+            }, indent=2) + "\n")
+        raise
+    else:
+        if enabled:
+            marker.unlink(missing_ok=True)

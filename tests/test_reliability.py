@@ -1,0 +1,168 @@
+"""A run never leaks, never lies, never stalls: secrets stay out of every output file, a
+diverging run stops (or skips, when asked) instead of exporting NaN weights, impossible
+settings are refused before anything is written, a failed run leaves FAILED.json and nothing
+that looks finished, and a user's mistake is one line on the command line."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cps_hf.errors import ConfigError, UserInputError
+from cps_hf.failures import FAILED_MARKER, NonFiniteLossError, NonFiniteStateError, check_finite_state
+
+from test_train import ROOT, SCRIPT, _read_log, demo_root, fresh_accelerate_state, tiny_args, train_cps  # noqa: F401
+
+TOKEN = "hf_ReliabilityTestSecret0123456789abcdef"
+
+
+def _files_holding(folder, needle: bytes) -> list[str]:
+    return [str(path) for path in folder.rglob("*") if path.is_file() and needle in path.read_bytes()]
+
+
+def test_hub_token_is_never_written(demo_root, tmp_path, monkeypatch, capsys):
+    """--hub_token reaches the upload and nothing else: not the card, the saved config, the
+    tensorboard files, the log, the checkpoints or the console."""
+    pytest.importorskip("tensorboard")
+    pushed = {}
+    monkeypatch.setattr(train_cps, "push_model", lambda folder, repo, token=None: pushed.update(repo=repo, token=token))
+    out = tmp_path / "token"
+    out.mkdir()
+    (out / FAILED_MARKER).write_text("{}")  # a stale marker from an earlier attempt
+    train_cps.main(tiny_args(demo_root, out, "--method", "cps", "--max_train_steps", "2", "--checkpointing_steps", "1",
+                             "--report_to", "tensorboard", "--push_to_hub", "--hub_model_id", "me/cps-test",
+                             "--hub_token", TOKEN))
+    assert pushed == {"repo": "me/cps-test", "token": TOKEN}  # still used for the upload
+    written = [p for p in out.rglob("*") if p.is_file()]
+    assert any(p.name.startswith("events.out.tfevents") for p in written)  # the tracker did write
+    assert (out / "model" / "README.md").exists() and (out / "training_config.yaml").exists()
+    assert _files_holding(out, TOKEN.encode()) == []
+    assert _files_holding(out, TOKEN[3:20].encode()) == []  # no partial copy either
+    console = capsys.readouterr()
+    assert TOKEN not in console.out + console.err
+    assert not (out / FAILED_MARKER).exists()  # a finished run removes a stale marker
+
+
+def _nan_at(method, bad_steps):
+    """Wrap a method so that its loss is NaN at the given optimizer steps (0-based)."""
+
+    def call(networks, batch, step, **kw):
+        output = method(networks, batch, step, **kw)
+        if step in bad_steps:
+            output.loss = output.loss * float("nan")
+            output.logs["loss"] = float("nan")
+        return output
+
+    call.num_models, call.num_unlabeled_streams = method.num_models, method.num_unlabeled_streams
+    return call
+
+
+def test_diverging_run_stops_and_exports_nothing(demo_root, tmp_path):
+    out = tmp_path / "diverge"
+    with pytest.raises(NonFiniteLossError, match=r"step \d+: the loss is not finite .*loss_sup=.*--skip_nonfinite_steps"):
+        train_cps.main(tiny_args(demo_root, out, "--method", "cps", "--max_train_steps", "6", "--learning_rate", "1e6"))
+    assert not (out / "model").exists() and not (out / "all_results.json").exists()
+    marker = json.loads((out / FAILED_MARKER).read_text())
+    assert marker["status"] == "failed" and "NonFiniteLossError" in marker["error"]
+
+
+def test_nonfinite_steps_are_skipped_only_when_asked(demo_root, tmp_path, monkeypatch):
+    real_build = train_cps.build_method
+    monkeypatch.setattr(train_cps, "build_method", lambda *a, **kw: _nan_at(real_build(*a, **kw), bad_steps={1}))
+    with pytest.raises(NonFiniteLossError, match=r"^step 2: "):
+        train_cps.main(tiny_args(demo_root, tmp_path / "strict", "--method", "cps", "--max_train_steps", "3"))
+
+    out = tmp_path / "skip"
+    results = train_cps.main(tiny_args(demo_root, out, "--method", "cps", "--max_train_steps", "3",
+                                       "--checkpointing_steps", "1", "--skip_nonfinite_steps", "1"))
+    assert results["nonfinite_steps_skipped"] == 1 and (out / "model").exists()
+    skipped = [r for r in _read_log(out) if r.get("skipped_nonfinite_loss")]
+    assert [r["step"] for r in skipped] == [2]
+    # The skipped step changed no weight (BN statistics do follow the forward pass); the next one did.
+    weights = [load_file(out / f"step_{step}" / "model.safetensors") for step in (1, 2, 3)]
+    trained = [name for name in weights[0] if "running" not in name and "num_batches" not in name]
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in trained)
+    assert not all(torch.equal(weights[1][name], weights[2][name]) for name in trained)
+
+
+def test_nonfinite_weights_or_statistics_are_never_evaluated_or_exported():
+    network = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    check_finite_state([network], "step 5")  # finite: passes
+    network[1].running_var[2] = float("inf")
+    with pytest.raises(NonFiniteStateError, match=r"step 5: 1 tensor\(s\) hold NaN or inf, e\.g\. network 1: 1\.running_var"):
+        check_finite_state([network], "step 5")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--mixed_precision", "fp16"], r"--mixed_precision fp16: this run is on the CPU"),
+    (["--per_device_train_batch_size", "9"], r"--per_device_train_batch_size 9 x 1 process\(es\) .* labeled set has 8"),
+])
+def test_settings_that_cannot_work_are_refused_before_anything_is_written(demo_root, tmp_path, flags, message):
+    out = tmp_path / "refused"
+    with pytest.raises(ConfigError, match=message):
+        train_cps.main(tiny_args(demo_root, out, "--max_train_steps", "1", *flags))
+    # Nothing that looks like a started run: no config, no tracker folder, no log; the marker says why.
+    assert sorted(p.name for p in out.iterdir() if p.name not in ("data_check.json",)) == [FAILED_MARKER]
+    assert "ConfigError" in json.loads((out / FAILED_MARKER).read_text())["error"]
+
+
+def test_missing_data_root_fails_before_the_first_step(tmp_path):
+    out = tmp_path / "nodata"
+    with pytest.raises(UserInputError, match="no_such_tree"):
+        train_cps.main(tiny_args(tmp_path / "no_such_tree", out, "--max_train_steps", "1"))
+    assert sorted(p.name for p in out.iterdir()) == [FAILED_MARKER]
+
+
+def _cli(*args, env_extra=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.run([*args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+
+
+def test_user_errors_are_one_line_also_under_accelerate_launch(demo_root, tmp_path):
+    """A fixable mistake prints `error: <culprit and what to do>` and exits 2; --debug gives the traceback."""
+    bad = tiny_args(demo_root, tmp_path / "cli", "--crop_size", "0")
+    plain = _cli(sys.executable, str(SCRIPT), *bad)
+    assert plain.returncode == 2
+    assert plain.stderr.strip().splitlines() == ["error: --crop_size must be >= 1, got 0"]
+
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    launched = _cli(accelerate, "launch", "--quiet", "--num_processes", "1", "--num_machines", "1",
+                    "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), *bad)
+    assert launched.returncode != 0
+    assert "error: --crop_size must be >= 1, got 0" in launched.stderr and "Traceback" not in launched.stderr
+
+    debug = _cli(sys.executable, str(SCRIPT), *bad, "--debug")
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "ConfigError" in debug.stderr
+
+
+def test_init_from_starts_where_a_trained_model_ended(demo_root, tmp_path):
+    """--init_from takes a trained export; with a negligible lr the run keeps those weights."""
+    first = tmp_path / "first"
+    train_cps.main(tiny_args(demo_root, first, "--method", "supervised", "--max_train_steps", "2"))
+    second = tmp_path / "second"
+    train_cps.main(tiny_args(demo_root, second, "--method", "cps", "--max_train_steps", "1", "--learning_rate", "1e-30",
+                             "--init_from", str(first / "model")))
+    before, after = load_file(first / "model" / "model.safetensors"), load_file(second / "model" / "model.safetensors")
+    trained = [name for name in before if "running" not in name and "num_batches" not in name]
+    assert trained and all(torch.allclose(before[name], after[name], rtol=0, atol=1e-12) for name in trained)
+
+
+@pytest.mark.parametrize("flags, error, message", [
+    (["--init_from", "no/such/model_folder"], UserInputError, r"--init_from no/such/model_folder: no such file"),
+    (["--backbone", "resnet5o"], ConfigError, r"--backbone: backbone 'resnet5o' is not a timm model; close names: .*resnet50"),
+])
+def test_bad_weights_and_backbones_are_one_line_errors(demo_root, tmp_path, flags, error, message):
+    with pytest.raises(error, match=message):
+        train_cps.main(tiny_args(demo_root, tmp_path / "bad", "--max_train_steps", "1", *flags))
+
+
+def test_resuming_a_checkpoint_of_another_architecture_is_refused(demo_root, tmp_path):
+    out = tmp_path / "resume"
+    train_cps.main(tiny_args(demo_root, out, "--method", "cps", "--max_train_steps", "1", "--checkpointing_steps", "1"))
+    with pytest.raises(UserInputError, match=r"step_1"):
+        train_cps.main(tiny_args(demo_root, out, "--method", "cps", "--max_train_steps", "2", "--decoder_channels", "8",
+                                 "--resume_from_checkpoint", "latest"))
