@@ -166,3 +166,26 @@ def test_resuming_a_checkpoint_of_another_architecture_is_refused(demo_root, tmp
     with pytest.raises(UserInputError, match=r"step_1"):
         train_cps.main(tiny_args(demo_root, out, "--method", "cps", "--max_train_steps", "2", "--decoder_channels", "8",
                                  "--resume_from_checkpoint", "latest"))
+
+
+def test_a_broken_training_image_is_found_before_the_first_step(demo_root, tmp_path):
+    """Found up front (not hours in, when the stream reaches it); --skip_bad_samples trains without it
+    and lists it in the output folder."""
+    import shutil
+
+    root = tmp_path / "tree"
+    shutil.copytree(demo_root, root)
+    voc = root / "VOCdevkit" / "VOC2012"
+    train_ids = (voc / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
+    broken = voc / "JPEGImages" / f"{train_ids[-1]}.jpg"
+    broken.write_bytes(broken.read_bytes()[:200])
+    out = tmp_path / "strict"
+    with pytest.raises(UserInputError, match=broken.name):
+        train_cps.main(tiny_args(root, out, "--max_train_steps", "1"))
+    assert not (out / "log.jsonl").exists() and not (out / "model").exists()
+
+    out = tmp_path / "skip"
+    results = train_cps.main(tiny_args(root, out, "--max_train_steps", "1", "--skip_bad_samples"))
+    skipped = [json.loads(line) for line in (out / "skipped_samples.jsonl").read_text().splitlines()]
+    assert len(skipped) == 1 and broken.name in json.dumps(skipped[0])
+    assert results["num_labeled"] + results["num_unlabeled"] == len(train_ids) - 1
