@@ -186,6 +186,7 @@ def _card_body(
     training_args: dict | None,
     repo_id: str | None,
     remote_code: bool,
+    exported_network: str | None = None,
 ) -> str:
     model_ref = repo_id or "path/to/exported-model"
     protocol_text = protocol or "fully supervised (all labels)"
@@ -214,6 +215,7 @@ def _card_body(
         f"| Output stride | {stride} |",
         f"| ASPP rates | {', '.join(str(rate) for rate in config.aspp_rates)} |",
         f"| Classes | {config.num_labels} |",
+        *([f"| Exported network | {_cell(exported_network)} |"] if exported_network else []),
         *_eval_protocol_rows(config),
         "",
     ]
@@ -295,12 +297,14 @@ def build_model_card(
     repo_id: str | None = None,
     license: str | None = None,
     remote_code: bool = True,
+    exported_network: str | None = None,
 ) -> ModelCard:
     """The model card of an exported CPS model: model-index mIoU metadata plus a readable body.
 
     `results` uses evaluate's `mean_iou` keys (fractions in [0, 1]), with or without the
     Trainer's `eval_` prefix; the metadata keeps fractions, the body shows percentages.
     `remote_code` says whether the export carries the source files for `trust_remote_code=True`.
+    `exported_network` says which of the run's networks this is (e.g. "student (network 1 of 2)").
     """
     if not dataset_name or not dataset_type:
         raise ValueError("build_model_card needs a non-empty dataset_name and dataset_type")
@@ -344,6 +348,7 @@ def build_model_card(
         training_args=training_args,
         repo_id=repo_id,
         remote_code=remote_code,
+        exported_network=exported_network,
     )
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
 

@@ -77,11 +77,37 @@ class CPSTrainingConfig:
     low_level_channels: int = field(default=48, metadata={"help": "Channels the stride-4 features are projected to."})
 
     # ---- method ----------------------------------------------------------------------------
-    method: Literal["supervised", "cps", "cps_cutmix"] = field(default="cps_cutmix", metadata={"help": "Training method."})
-    cps_weight: float = field(default=1.5, metadata={"help": "lambda of L = L_s + lambda * L_cps."})
+    method: Literal[
+        "supervised", "cps", "cps_cutmix", "mean_teacher", "mean_teacher_cutmix", "sps", "sps_cutmix", "cpc",
+        "ncps", "ncps_cutmix",
+    ] = field(default="cps_cutmix", metadata={"help": "Training method (see cps_hf/methods/)."})
+    cps_weight: float = field(
+        default=1.5, metadata={"help": "lambda of L = L_s + lambda * L_unsup (the CPS, CPC, SPS or mean-teacher term)."}
+    )
     cps_weight_rampup_steps: int = field(default=0, metadata={"help": "Sigmoid ramp-up of lambda over this many steps (0: off, as the paper)."})
     supervised_warmup_steps: int = field(default=0, metadata={"help": "Steps with lambda = 0 before CPS starts (0: off, as the paper)."})
-    cps_on_labeled: bool = field(default=True, metadata={"help": "Plain CPS: also apply L_cps on labeled images (Table 4)."})
+    cps_on_labeled: bool | None = field(
+        default=None,
+        metadata={"help": "Apply the cross term (CPS/CPC) on labeled images (Table 4); unset: the method's default "
+                  "(on for cps, cpc, ncps; the CutMix forms use unlabeled images only)."},
+    )
+    cps_on_unlabeled: bool | None = field(
+        default=None, metadata={"help": "Apply the cross term (CPS/CPC) on unlabeled images (Table 4); unset: on."}
+    )
+    pseudo_label_threshold: float = field(
+        default=0.0,
+        metadata={"help": "Ignore pseudo-labeled pixels whose softmax confidence is below this (0: off, as the paper)."},
+    )
+    ema_decay: float = field(default=0.99, metadata={"help": "Mean teacher: EMA decay of the teacher's weights."})
+    num_networks: int = field(default=3, metadata={"help": "ncps / ncps_cutmix: number of networks (n-CPS)."})
+    ncps_average: bool = field(
+        default=False, metadata={"help": "ncps: average the cross terms over the N-1 peers instead of summing them."}
+    )
+    export_network: str | None = field(
+        default=None,
+        metadata={"help": "Which network model/ holds: network_1 (CPS default, the paper's), network_2, ..., or "
+                  "student (mean-teacher default) / teacher."},
+    )
     cutmix_same_image: bool = field(default=False, metadata={"help": "Reproduce the original's bug: CutMix mixes two views of the same image."})
     sup_loss: Literal["ce", "ohem"] = field(default="ce", metadata={"help": "Supervised loss: CE (VOC) or OHEM (Cityscapes)."})
     ohem_threshold: float = field(default=0.7, metadata={"help": "OHEM keeps pixels whose true-class probability is below this."})
@@ -152,6 +178,12 @@ class CPSTrainingConfig:
                      "eval_crop_size", "eval_stride"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.pseudo_label_threshold < 1:
+            raise ConfigError(f"--pseudo_label_threshold must be in [0, 1), got {self.pseudo_label_threshold}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"--ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.num_networks < 2:
+            raise ConfigError(f"--num_networks must be >= 2, got {self.num_networks}")
         if self.learning_rate <= 0:
             raise ConfigError(f"--learning_rate must be > 0, got {self.learning_rate}")
         for name in ("momentum", "weight_decay", "skip_nonfinite_steps", "num_workers"):

@@ -149,7 +149,12 @@ def train(args) -> dict:
         cps_weight=args.cps_weight,
         cps_weight_rampup_steps=args.cps_weight_rampup_steps,
         supervised_warmup_steps=args.supervised_warmup_steps,
-        cps_on_labeled=args.cps_on_labeled if args.method == "cps" else None,
+        cps_on_labeled=args.cps_on_labeled,
+        cps_on_unlabeled=args.cps_on_unlabeled,
+        pseudo_label_threshold=args.pseudo_label_threshold,
+        ema_decay=args.ema_decay,
+        num_networks=args.num_networks,
+        ncps_average=args.ncps_average,
         generator_seed=args.seed,
         # Figure 7's "foreground" agreement leaves out background; Cityscapes' class 0 is road.
         background_index=0 if bundle.class_names[0].lower() in ("background", "_background_") else None,
@@ -177,6 +182,8 @@ def train(args) -> dict:
     model_config = model_config_from_args(args, bundle.class_names, bundle.ignore_index)
     networks = build_networks(model_config, method.num_models, pretrained=args.pretrained_backbone, seed=args.seed,
                               init_from=args.init_from)
+    method.init_networks(networks)  # e.g. a mean teacher starts as a copy of its student
+    export_index = method.export_index(args.export_network)
     for network in networks:
         unreachable = freeze_unreachable_parameters(network)
     if unreachable:
@@ -184,14 +191,17 @@ def train(args) -> dict:
     networks = maybe_convert_sync_batchnorm(networks, accelerator)
 
     # ---- optimizer and scheduler -----------------------------------------------------------
-    optimizer = build_optimizer(networks, lr=args.learning_rate, momentum=args.momentum, weight_decay=args.weight_decay)
+    trained, followers = networks[:method.trained_count], networks[method.trained_count:]  # followers: EMA teachers
+    optimizer = build_optimizer(trained, lr=args.learning_rate, momentum=args.momentum, weight_decay=args.weight_decay)
     # A prepared scheduler steps once per process (traps note): count steps that way.
     scheduler = poly_schedule(optimizer, max_train_steps * accelerator.num_processes, power=args.lr_power)
 
     # ---- prepare (the data streams shard themselves: never prepared, never sharded twice) ----
-    *networks, optimizer, scheduler = accelerator.prepare(*networks, optimizer, scheduler)
+    *trained, optimizer, scheduler = accelerator.prepare(*trained, optimizer, scheduler)
+    followers = [follower.to(accelerator.device).requires_grad_(False) for follower in followers]  # no optimizer, no DDP
+    networks = [*trained, *followers]
     progress = TrainProgress()
-    accelerator.register_for_checkpointing(streams, progress)
+    accelerator.register_for_checkpointing(streams, progress, *followers)  # followers are saved as custom state
     log = JsonlLog(output_dir / "log.jsonl", enabled=accelerator.is_main_process)
     nonfinite = NonFiniteGuard(args.skip_nonfinite_steps, accelerator, progress)
 
@@ -199,7 +209,7 @@ def train(args) -> dict:
     if args.resume_from_checkpoint:
         checkpoint = find_checkpoint(output_dir, args.resume_from_checkpoint)
         accelerator.print(f"resuming from {checkpoint}")
-        check_checkpoint_matches(checkpoint, [accelerator.unwrap_model(n) for n in networks])  # one line, not a size dump
+        check_checkpoint_matches(checkpoint, [accelerator.unwrap_model(n) for n in trained])  # one line, not a size dump
         accelerator.load_state(str(checkpoint))  # models, optimizer, scheduler, RNG, data streams, progress
         if progress.step != checkpoint_step(checkpoint):
             raise RuntimeError(f"{checkpoint}: saved progress is at step {progress.step}, folder says otherwise")
@@ -217,21 +227,24 @@ def train(args) -> dict:
         broadcast_buffers_from_main(networks, accelerator)  # every rank evaluates the model rank 0 exports
         check_finite_state([accelerator.unwrap_model(n) for n in networks], f"step {progress.step}")
         results = evaluate_model(
-            [accelerator.unwrap_model(networks[0])], val_set, num_labels=model_config.num_labels,
+            [accelerator.unwrap_model(networks[export_index])], val_set, num_labels=model_config.num_labels,
             ignore_index=bundle.ignore_index, **model_config.eval_protocol, accelerator=accelerator,
         )  # the protocol the export records, so evaluate_cps.py gives the same numbers; restores training mode
         return {f"eval_{key}": value for key, value in results.items()}
 
     def export_network(folder: Path, results: dict) -> None:
-        """Network 1 (the one the paper evaluates) as a pipeline-ready folder with its model card."""
+        """The evaluated network (network 1 for CPS, as the paper; the student for mean teacher, unless
+        --export_network says otherwise) as a pipeline-ready folder with its model card."""
         if not accelerator.is_main_process:
             return
+        exported = accelerator.unwrap_model(networks[export_index])
         card = build_model_card(
-            accelerator.unwrap_model(networks[0]).config, results=results, dataset_name=args.dataset,
+            exported.config, results=results, dataset_name=args.dataset,
             dataset_type=args.dataset, protocol=args.labeled, method=args.method, backbone=args.backbone,
             split=args.val_split, training_args=args.to_dict(), repo_id=args.hub_model_id,
+            exported_network=f"{method.names()[export_index]} (network {export_index + 1} of {len(networks)})",
         )
-        export_model(accelerator.unwrap_model(networks[0]), folder, card=card)
+        export_model(exported, folder, card=card)
 
     # ---- loop ------------------------------------------------------------------------------
     for network in networks:
@@ -243,7 +256,7 @@ def train(args) -> dict:
         micro_logs, update = [], True
         for micro_step in range(args.gradient_accumulation_steps):
             batch = _to_device(next(streams), accelerator.device)
-            with accelerator.accumulate(*networks):
+            with accelerator.accumulate(*trained):
                 step_lr = optimizer.param_groups[0]["lr"]  # the LR this update uses (logged below)
                 output = method(networks, batch, progress.step, rank=accelerator.process_index, micro_step=micro_step)
                 micro_logs.append(output.logs)
@@ -255,6 +268,8 @@ def train(args) -> dict:
                 accelerator.backward(output.loss)
                 if update:  # a skipped step leaves the weights and optimizer state untouched
                     optimizer.step()
+                    if accelerator.sync_gradients:  # an optimizer update happened: EMA teachers follow
+                        method.after_optimizer_step([accelerator.unwrap_model(n) for n in networks], progress.step)
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
         progress.step += 1

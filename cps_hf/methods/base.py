@@ -1,0 +1,246 @@
+"""The method contract and what every method shares: the output type, step logs, the lambda
+schedule, input checks, the supervised loss, agreement logs, and the registry.
+
+The training loop is the same for every method: it calls ``method(models, batch, step)``,
+back-propagates ``output.loss``, logs ``output.logs``, steps the optimizer over the first
+``trained_count`` networks and then calls ``method.after_optimizer_step(networks, step)``. A
+method owns the forward passes, the losses and the per-step logs; it never touches the optimizer.
+
+Batch layout::
+
+    {"labeled": {"pixel_values": (B, 3, H, W), "labels": (B, H, W)},
+     "unlabeled": [{"pixel_values": (B_u, 3, H, W)}, ...]}   # num_unlabeled_streams entries
+
+`models` is a list of callables (plain or DDP-wrapped) with ``model(pixel_values=x).logits``
+giving (B, C, H, W) logits at the input size.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+from ..losses import agreement_counts
+
+
+@dataclass
+class MethodOutput:
+    """The loss to back-propagate and the step's scalar logs (plain floats)."""
+
+    loss: torch.Tensor
+    logs: dict[str, float] = field(default_factory=dict)
+
+
+def sigmoid_rampup(step: int, rampup_steps: int) -> float:
+    """exp(-5 (1 - t)^2) with t = step / rampup_steps clipped to [0, 1]; 1 when rampup_steps == 0."""
+    if rampup_steps <= 0:
+        return 1.0
+    t = min(max(step / rampup_steps, 0.0), 1.0)
+    return math.exp(-5.0 * (1.0 - t) ** 2)
+
+
+class StepLogs:
+    """Collects tensor logs and turns them into floats with a single device-to-host copy."""
+
+    def __init__(self):
+        self._tensors: dict[str, torch.Tensor] = {}
+        self._floats: dict[str, float] = {}
+
+    def add(self, name: str, value: torch.Tensor | float) -> None:
+        if isinstance(value, torch.Tensor):
+            self._tensors[name] = value.detach().float().reshape(())
+        else:
+            self._floats[name] = float(value)
+
+    def add_agreement(self, name: str, predictions_1, predictions_2, ignore_mask=None) -> None:
+        agree, counted = agreement_counts(predictions_1, predictions_2, ignore_mask)
+        self.add(name, agree.float() / counted.float())  # NaN when no pixel is counted
+
+    def to_floats(self) -> dict[str, float]:
+        logs = dict(self._floats)
+        if self._tensors:
+            values = torch.stack(list(self._tensors.values())).tolist()
+            logs.update(zip(self._tensors.keys(), values))
+        return logs
+
+
+class Method:
+    """Base class: checks the inputs, holds the CPS weight schedule, leaves the step to subclasses.
+
+    Args:
+        sup_criterion: the supervision loss, ``(logits, labels) -> scalar`` (CE or OHEM).
+        cps_weight: lambda of equation 6 (ignored by ``supervised``).
+        cps_weight_rampup_steps: if > 0, lambda is multiplied by a sigmoid ramp-up over that many
+            steps (counted after the warm-up). The paper's presets do not use it.
+        supervised_warmup_steps: lambda is 0 for the first N steps. The paper's presets do not use it.
+        ignore_index: label value of unlabelled pixels.
+        background_index: class left out of ``agreement_*_fg`` (Figure 7 ignores background);
+            None to skip that log (e.g. Cityscapes, which has no background class).
+        generator_seed: seed of the CutMix masks; the masks of a call depend on (seed, step, rank,
+            micro_step) only, so a resumed run draws the same masks.
+    """
+
+    name: str = "base"
+    num_models: int = 1  # networks the run builds
+    num_trained: int | None = None  # the first num_trained are optimised, the rest follow them (EMA); None: all
+    num_unlabeled_streams: int = 0  # unlabeled batches per step (CutMix forms mix two)
+    network_names: tuple[str, ...] = ()  # names for --export_network (default: network_1, network_2, ...)
+    default_export: str = "network_1"  # what model/ holds unless --export_network says otherwise
+
+    def __init__(
+        self,
+        sup_criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        cps_weight: float = 0.0,
+        cps_weight_rampup_steps: int = 0,
+        supervised_warmup_steps: int = 0,
+        ignore_index: int = 255,
+        background_index: int | None = 0,
+        generator_seed: int = 0,
+    ):
+        if cps_weight < 0:
+            raise ValueError(f"cps_weight must be >= 0, got {cps_weight}")
+        if cps_weight_rampup_steps < 0 or supervised_warmup_steps < 0:
+            raise ValueError(
+                "cps_weight_rampup_steps and supervised_warmup_steps must be >= 0, got "
+                f"{cps_weight_rampup_steps} and {supervised_warmup_steps}"
+            )
+        self.sup_criterion = sup_criterion
+        self.cps_weight = float(cps_weight)
+        self.cps_weight_rampup_steps = int(cps_weight_rampup_steps)
+        self.supervised_warmup_steps = int(supervised_warmup_steps)
+        self.ignore_index = ignore_index
+        self.background_index = background_index
+        self.generator_seed = int(generator_seed)
+
+    def cps_weight_at(self, step: int) -> float:
+        """lambda at `step`: 0 during the supervised warm-up, then the (optionally ramped) weight."""
+        if step < self.supervised_warmup_steps:
+            return 0.0
+        return self.cps_weight * sigmoid_rampup(step - self.supervised_warmup_steps, self.cps_weight_rampup_steps)
+
+    def generator(self, step: int, rank: int = 0, micro_step: int = 0) -> torch.Generator:
+        """A CPU generator seeded from (generator_seed, step, rank, micro_step) alone."""
+        key = [self.generator_seed, int(step), int(rank), int(micro_step)]
+        seed = np.random.SeedSequence(key).generate_state(1)[0]
+        return torch.Generator().manual_seed(int(seed))
+
+    # -- what the loop asks of every method ----------------------------------------------------
+
+    @classmethod
+    def from_options(cls, sup_criterion, **options) -> "Method":
+        """Build from the trainer's method options, taking those this class's __init__ (or a base's)
+        names; an option given as None keeps the method's own default."""
+        accepted = set()
+        for klass in cls.__mro__:
+            if "__init__" in vars(klass):
+                accepted |= set(inspect.signature(klass.__init__).parameters)
+        return cls(sup_criterion, **{k: v for k, v in options.items() if k in accepted and v is not None})
+
+    @property
+    def trained_count(self) -> int:
+        return self.num_models if self.num_trained is None else self.num_trained
+
+    def names(self) -> tuple[str, ...]:
+        return self.network_names or tuple(f"network_{k}" for k in range(1, self.num_models + 1))
+
+    def export_index(self, name: str | None = None) -> int:
+        """Index of the network called `name` (None: the method's default export)."""
+        names = self.names()
+        name = name or self.default_export
+        if name not in names:
+            raise ConfigError(f"--export_network {name}: method {self.name!r} has networks {', '.join(names)}")
+        return names.index(name)
+
+    def init_networks(self, networks: Sequence[torch.nn.Module]) -> None:
+        """Called once on the freshly built networks, before the optimizer sees them (e.g. a mean
+        teacher starts as a copy of its student). Default: nothing."""
+
+    def after_optimizer_step(self, networks: Sequence[torch.nn.Module], step: int) -> None:
+        """Called after every optimizer update (not after a skipped one), e.g. for an EMA teacher.
+        `networks` are the unwrapped modules. Default: nothing."""
+
+    def __call__(
+        self, models: Sequence[Callable], batch: dict, step: int, rank: int = 0, micro_step: int = 0
+    ) -> MethodOutput:
+        """One step's loss and logs.
+
+        `step` is the optimizer step (it drives the lambda schedule); `rank` the process index and
+        `micro_step` the index of the micro-batch within a gradient-accumulation step, so every
+        call of a run draws its own CutMix masks.
+        """
+        self._check_inputs(models, batch)
+        return self.compute(models, batch, step, self.generator(step, rank, micro_step))
+
+    def compute(self, models, batch, step: int, generator: torch.Generator) -> MethodOutput:
+        raise NotImplementedError
+
+    # -- helpers shared by the methods -------------------------------------------------------
+
+    def _check_inputs(self, models, batch) -> None:
+        if len(models) != self.num_models:
+            raise ValueError(f"method {self.name!r} needs {self.num_models} model(s), got {len(models)}")
+        if "labeled" not in batch:
+            raise KeyError(f"method {self.name!r}: batch has no 'labeled' entry (keys: {sorted(batch)})")
+        labeled = batch["labeled"]
+        for key in ("pixel_values", "labels"):
+            if key not in labeled:
+                raise KeyError(f"method {self.name!r}: batch['labeled'] has no {key!r} (keys: {sorted(labeled)})")
+        unlabeled = batch.get("unlabeled") or []
+        if len(unlabeled) != self.num_unlabeled_streams:
+            raise ValueError(
+                f"method {self.name!r} needs {self.num_unlabeled_streams} unlabeled stream(s) in "
+                f"batch['unlabeled'], got {len(unlabeled)}"
+            )
+        for i, stream in enumerate(unlabeled):
+            if "pixel_values" not in stream:
+                raise KeyError(f"method {self.name!r}: batch['unlabeled'][{i}] has no 'pixel_values'")
+
+    def _supervised_losses(self, logits_per_model, labels, logs: StepLogs) -> torch.Tensor:
+        """L_s of equation 4: the sum over networks of each one's supervision loss."""
+        losses = [self.sup_criterion(logits, labels) for logits in logits_per_model]
+        if len(losses) > 1:
+            for k, loss in enumerate(losses, start=1):
+                logs.add(f"loss_sup_{k}", loss)
+        total = sum(losses[1:], losses[0])
+        logs.add("loss_sup", total)
+        return total
+
+    def _log_agreement(self, name: str, predictions_1, predictions_2, logs: StepLogs) -> None:
+        """Figure 7's overlap ratio; `_fg` leaves out pixels both networks call background."""
+        logs.add_agreement(name, predictions_1, predictions_2)
+        if self.background_index is not None:
+            background = (predictions_1 == self.background_index) & (predictions_2 == self.background_index)
+            logs.add_agreement(f"{name}_fg", predictions_1, predictions_2, background)
+
+
+def logits_of(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    return model(pixel_values=pixel_values).logits
+
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry
+# ---------------------------------------------------------------------------------------------
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: makes the method buildable by its `name` (and a `--method` choice)."""
+    METHODS[cls.name] = cls
+    return cls
+
+
+def build_method(name: str, sup_criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], **options) -> Method:
+    """Build a registered method by name; `options` are the trainer's method options (cps_weight,
+    cps_on_labeled, ...), each method taking those it knows."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[name].from_options(sup_criterion, **options)
