@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from ..losses import agreement_counts
+from ..losses import agreement_counts, pseudo_labels
 
 
 @dataclass
@@ -102,6 +102,7 @@ class Method:
         ignore_index: int = 255,
         background_index: int | None = 0,
         generator_seed: int = 0,
+        pseudo_label_threshold: float = 0.0,
     ):
         if cps_weight < 0:
             raise ValueError(f"cps_weight must be >= 0, got {cps_weight}")
@@ -117,6 +118,9 @@ class Method:
         self.ignore_index = ignore_index
         self.background_index = background_index
         self.generator_seed = int(generator_seed)
+        if not 0 <= pseudo_label_threshold < 1:
+            raise ValueError(f"pseudo_label_threshold must be in [0, 1), got {pseudo_label_threshold}")
+        self.pseudo_label_threshold = float(pseudo_label_threshold)
 
     def cps_weight_at(self, step: int) -> float:
         """lambda at `step`: 0 during the supervised warm-up, then the (optionally ramped) weight."""
@@ -181,6 +185,21 @@ class Method:
         raise NotImplementedError
 
     # -- helpers shared by the methods -------------------------------------------------------
+
+    def pseudo_targets(self, logits: torch.Tensor, predictions: torch.Tensor | None = None,
+                       logs: "StepLogs | None" = None, log_name: str = "pseudo_kept_u") -> torch.Tensor:
+        """Pseudo labels for a loss: the argmax (`predictions`, if already computed), and with
+        `pseudo_label_threshold` > 0 every pixel whose softmax confidence is below it set to
+        `ignore_index`. The kept fraction goes to `logs[log_name]`. Threshold 0 returns the argmax
+        itself, so the paper's methods are unchanged."""
+        predictions = pseudo_labels(logits) if predictions is None else predictions
+        if self.pseudo_label_threshold <= 0:
+            return predictions
+        with torch.no_grad():
+            confident = logits.detach().float().softmax(dim=1).amax(dim=1) >= self.pseudo_label_threshold
+            if logs is not None:
+                logs.add(log_name, confident.float().mean())
+            return predictions.masked_fill(~confident, self.ignore_index)
 
     def _check_inputs(self, models, batch) -> None:
         if len(models) != self.num_models:
