@@ -18,12 +18,14 @@ DEBUG_ENV = "CPS_HF_DEBUG"
 
 
 def run_cli(main: Callable[[list[str]], object], argv: Sequence[str] | None = None) -> int:
-    """Run `main(argv)`; exit status 0, or 2 with one `error: ...` line for a `UserInputError`."""
+    """Run `main(argv)`; its exit status (an int it returns, else 0), or 2 with one `error: ...` line
+    for a `UserInputError`. `--debug` is taken from before any `--` (what follows belongs to others)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
-    argv = [arg for arg in argv if arg != DEBUG_FLAG]
+    own = argv.index("--") if "--" in argv else len(argv)
+    debug = DEBUG_FLAG in argv[:own] or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    argv = [arg for arg in argv[:own] if arg != DEBUG_FLAG] + argv[own:]
     try:
-        main(argv)
+        result = main(argv)
     except UserInputError as error:
         if debug:
             raise
@@ -31,4 +33,4 @@ def run_cli(main: Callable[[list[str]], object], argv: Sequence[str] | None = No
         where = f" (rank {os.environ.get('RANK', '?')})" if world > 1 else ""
         print(f"error{where}: {error}", file=sys.stderr, flush=True)
         return 2
-    return 0
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0

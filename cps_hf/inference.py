@@ -23,12 +23,15 @@ first item is the logits) of shape (B, C, h, w); logits smaller than the input (
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
+from .errors import UserInputError
 from .metrics import MeanIoU
 
 ModelLike = Callable[..., object]
@@ -315,23 +318,71 @@ DEFAULT_PROTOCOLS = {
 
 def load_eval_split(dataset: str, data_root: str, split: str = "val"):
     """A labelled split as a `datasets.Dataset` (image, label, id) from one of cps_hf's loaders."""
-    from .data import load_cityscapes, load_image_folder, load_voc
+    from .data import DatasetError, load_cityscapes, load_image_folder, load_voc
 
     loaders = {"voc": load_voc, "cityscapes": load_cityscapes, "folder": load_image_folder}
     if dataset not in loaders:
-        raise ValueError(f"--dataset must be one of {sorted(loaders)}, got {dataset!r}")
-    return loaders[dataset](data_root, split=split)
+        raise DatasetError(f"--dataset must be one of {sorted(loaders)}, got {dataset!r}")
+    if not Path(data_root).expanduser().is_dir():
+        raise DatasetError(f"--data_root {data_root}: folder does not exist")
+    return loaders[dataset](str(Path(data_root).expanduser()), split=split)
 
 
-def load_segmentation_model(name_or_path: str, device: torch.device | str = "cpu"):
-    """(model in eval mode, image mean, image std) from a folder or Hub id via the Auto classes."""
+def looks_like_path(name: str) -> bool:
+    """Hub ids are `name` or `owner/name`; more separators, a leading . ~ /, or a backslash mean a path."""
+    return (name.startswith((".", "~", "/")) or "\\" in name or name.count("/") > 1 or name.endswith("/")
+            or os.path.isabs(name))
+
+
+def check_model_source(name: str, flag: str = "--model") -> str:
+    """`name` as `from_pretrained` should get it: a folder with a config.json, or a well-formed Hub id.
+
+    Anything else raises `UserInputError` naming `flag` and `name`, instead of huggingface_hub's
+    "Repo id must be in the form ..." for a mistyped folder. Cheap (no model import, no network),
+    so scripts call it before their slow imports."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserInputError(f"{flag} {name}: no config.json in that folder (give an exported model folder, "
+                                 "e.g. a training run's model/)")
+        return str(path)
+    if path.exists():
+        raise UserInputError(f"{flag} {name}: is a file, not a model folder (give the folder holding config.json)")
+    if looks_like_path(name):
+        raise UserInputError(f"{flag} {name}: folder does not exist")
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise UserInputError(f"{flag} {name}: no such folder, and not a Hub model id (owner/name)") from None
+    return name
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def load_segmentation_model(name_or_path: str, device: torch.device | str = "cpu", flag: str = "--model"):
+    """(model in eval mode, image mean, image std) from a folder or Hub id via the Auto classes.
+
+    A source that is not a model folder or a loadable Hub model raises `UserInputError`: one line
+    naming `flag` (the script's option) and the source, with the first line of the cause."""
     import transformers
+    from huggingface_hub.errors import StrictDataclassError
 
     from . import CPSForSemanticSegmentation  # noqa: F401  (registers the CPS Auto classes)
 
-    model = transformers.AutoModelForSemanticSegmentation.from_pretrained(name_or_path).to(device).eval()
+    source = check_model_source(name_or_path, flag)
     try:
-        processor = transformers.AutoImageProcessor.from_pretrained(name_or_path)
+        model = transformers.AutoModelForSemanticSegmentation.from_pretrained(source)
+    except (OSError, ValueError, KeyError, StrictDataclassError) as err:  # not a model, a bad config.json
+        raise UserInputError(f"{flag} {name_or_path}: cannot load a segmentation model ({_first_line(err)})") from err
+    model = model.to(device).eval()
+    try:
+        processor = transformers.AutoImageProcessor.from_pretrained(source)
         mean, std = tuple(processor.image_mean), tuple(processor.image_std)
     except (OSError, ValueError, AttributeError, TypeError):  # no processor saved: the ImageNet statistics
         mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -387,3 +438,50 @@ def resolve_protocol(dataset: str, mode: str | None = None, crop_size: int | Non
     if protocol["mode"] == "slide" and protocol["stride"] is None:
         protocol["stride"] = math.ceil(protocol["crop_size"] * 2 / 3)
     return {**protocol, "scales": tuple(scales), "flip": bool(flip)}
+
+
+def protocol_for_model(dataset: str, model_name: str, model_protocol: dict | None = None, mode: str | None = None,
+                       crop_size: int | None = None, stride: int | None = None, scales: Sequence[float] = (1.0,),
+                       flip: bool = False, default_name: str | None = None) -> tuple[dict, str]:
+    """(protocol, where it came from) for the scripts: the protocol `model_name` recorded
+    (`model_eval_protocol`), else the dataset's default (`default_name` says what that is, when
+    "the <dataset> default" would not), with the given --mode/--crop_size/--stride on top.
+    A protocol that cannot work raises `UserInputError` naming the flags."""
+    if model_protocol is not None:
+        source = f"{model_name}'s config.json eval_protocol (what the trainer evaluated with)"
+    elif default_name is None:
+        source = f"the {dataset} default (the original code's; the model records no eval_protocol)"
+    else:
+        source = f"{default_name} (the model records no eval_protocol)"
+    if crop_size is not None and crop_size < 0:
+        raise UserInputError(f"--crop_size must be positive (0: none), got {crop_size}")
+    if stride is not None and stride < 1:
+        raise UserInputError(f"--stride must be at least 1, got {stride}")
+    if any(scale <= 0 for scale in scales):
+        raise UserInputError(f"--scales must be positive, got {list(scales)}")
+    given = {"mode": mode, "crop_size": crop_size, "stride": stride}
+    overrides = [f"--{flag}" for flag, value in given.items() if value is not None]
+    if overrides:
+        source += f", overridden by {' '.join(overrides)}"
+    try:
+        protocol = resolve_protocol(dataset, mode, crop_size, stride, scales, flip, base=model_protocol)
+    except ValueError as err:
+        raise UserInputError(f"--mode/--crop_size: {err}") from err
+    return protocol, source
+
+
+def describe_protocol_choice(protocol: dict, source: str) -> str:
+    """The line the scripts print: the protocol with its scales and flip, and where it came from."""
+    return f"{describe_protocol(protocol)}, scales {list(protocol['scales'])}, flip {protocol['flip']}; from {source}"
+
+
+def add_protocol_arguments(parser, fallback: str) -> None:
+    """The scripts' --mode --crop_size --stride --scales --flip (read by `protocol_for_model`);
+    `fallback` says which protocol applies to a model that records none."""
+    parser.add_argument("--mode", choices=["whole", "slide"], help="whole image or sliding windows; default: the "
+                        f"model's eval_protocol (what the trainer evaluated with), else {fallback}")
+    parser.add_argument("--crop_size", type=int,
+                        help="slide: window size; whole: pad smaller images up to it; 0 = none; default: as --mode")
+    parser.add_argument("--stride", type=int, help="sliding-window step; default: as --mode, else ceil(2/3 crop)")
+    parser.add_argument("--scales", type=float, nargs="+", default=[1.0], help="image scales whose logits are averaged")
+    parser.add_argument("--flip", action="store_true", help="also average the horizontally flipped prediction")

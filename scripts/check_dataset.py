@@ -3,7 +3,8 @@
 
 Decodes every image and label of the chosen splits and reports each problem (missing,
 truncated or undecodable file, image/label size mismatch, label values outside the classes):
-all of them, not just the first. Exit status 1 when any problem was found. Each record first gets
+all of them, not just the first. Exit status 1 when any problem was found; 2, with one line
+`error: ...`, for a mistake in the arguments (a --root that does not exist). Each record first gets
 the header-only checks that training runs up front (cps_hf.data.preflight), then a full decode.
 
     python scripts/check_dataset.py --dataset voc --root data/ --splits train_aug val
@@ -16,12 +17,15 @@ import argparse
 import functools
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 
+from cps_hf.cli import run_cli
 from cps_hf.data import DatasetError, class_spec_of, load_cityscapes, load_image_folder, load_voc
 from cps_hf.data.preflight import map_records
 from cps_hf.data.validation import decode_pair, header_problems
+from cps_hf.errors import UserInputError
 
 LOADERS = {"voc": load_voc, "cityscapes": load_cityscapes, "folder": load_image_folder}
 DEFAULT_SPLITS = {"voc": ["train", "val"], "cityscapes": ["train", "val"], "folder": ["train", "val"]}
@@ -76,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--splits", nargs="+", default=None)
     parser.add_argument("--workers", type=int, default=4)
     args = parser.parse_args(argv)
+    if not Path(args.root).expanduser().is_dir():
+        raise DatasetError(f"--root {args.root}: folder does not exist")
+    if args.workers < 1:
+        raise UserInputError(f"--workers must be at least 1, got {args.workers}")
     all_problems = []
     for split in args.splits or DEFAULT_SPLITS[args.dataset]:
         _, problems = check_split(args.dataset, args.root, split, args.workers)
@@ -85,4 +93,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))  # 1 when problems were found, 2 for a mistake in the flags

@@ -10,6 +10,8 @@ difference is the method. This is how the README's demo table is made:
 Extra `--field value` flags after `--` go to every run (e.g. `-- --data_root demo_data`).
 Each run is a separate `scripts/train_cps.py` process; results land in
 <output_dir>/<method>_seed<k>/all_results.json and a summary in <output_dir>/comparison.json.
+A --config that does not exist is one line `error: ...` and exit status 2; a run that fails stops
+the comparison with that run's exit status after its own messages.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from cps_hf.cli import run_cli
+from cps_hf.errors import UserInputError
+
 TRAIN = Path(__file__).resolve().parent / "train_cps.py"
 
 
@@ -33,7 +38,11 @@ def run(config: str, method: str, seed: int, output_dir: Path, extra: list[str])
     command = [sys.executable, str(TRAIN), "--config", config, "--method", method, "--seed", str(seed),
                "--output_dir", str(out), "--report_to", "none", *extra]
     print("$", " ".join(command), flush=True)
-    subprocess.run(command, check=True)
+    status = subprocess.run(command).returncode
+    if status:
+        print(f"{method} seed {seed}: train_cps.py stopped with exit status {status} (its messages are above)",
+              file=sys.stderr, flush=True)
+        raise SystemExit(status)
     return json.loads(results_file.read_text())
 
 
@@ -53,6 +62,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--output_dir", default="outputs/compare")
     args = parser.parse_args(argv)
+    if not Path(args.config).is_file():
+        raise UserInputError(f"--config {args.config}: no such file (give a preset, e.g. configs/demo.yaml)")
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -77,4 +88,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -12,7 +12,8 @@ with stride 534. --mode/--crop_size/--stride override either; single scale, no f
 `--model2 DIR --both_branches` averages the logits of the two CPS branches. Prints a per-class
 table and writes evaluate-style keys with the `eval_` prefix (as the trainer's all_results.json).
 Runs under `accelerate launch` too: each process takes a disjoint share of the images and the
-confusion matrices are summed.
+confusion matrices are summed. A mistake in the arguments (a model folder or data root that does
+not exist, an unknown split) is one line `error: ...` on stderr and exit status 2 (`--debug`: traceback).
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
+from cps_hf.cli import run_cli
+from cps_hf.errors import UserInputError
+from cps_hf.inference import (TransformedDataset, add_protocol_arguments, check_model_source,
+                              describe_protocol_choice, evaluate_model, load_eval_split, load_segmentation_model,
+                              model_eval_protocol, protocol_for_model)
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,14 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dataset", required=True, choices=["voc", "cityscapes", "folder"])
     parser.add_argument("--data_root", required=True)
     parser.add_argument("--split", default="val")
-    parser.add_argument("--mode", choices=["whole", "slide"],
-                        help="default: the model's eval_protocol, else whole for voc/folder, slide for cityscapes")
-    parser.add_argument("--crop_size", type=int, help="default: the model's eval_protocol, else 512 (voc), "
-                        "800 (cityscapes), none (folder); 0 = none")
-    parser.add_argument("--stride", type=int, help="sliding-window step; default: the model's eval_protocol, else "
-                        "534 (cityscapes) or ceil(2/3 crop)")
-    parser.add_argument("--scales", type=float, nargs="+", default=[1.0])
-    parser.add_argument("--flip", action="store_true", help="also average the horizontally flipped prediction")
+    add_protocol_arguments(parser, "the dataset's: voc whole image padded to 512, cityscapes 800 px windows "
+                           "with stride 534, folder whole image")
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--num_workers", type=int, default=0)
     parser.add_argument("--max_samples", type=int, help="evaluate only the first N images (quick checks)")
@@ -57,31 +58,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.model2 and not args.both_branches:
         parser.error("--model2 is only used with --both_branches")
     if args.batch_size > 1 and args.dataset == "voc":
-        parser.error("VOC images differ in size: use --batch_size 1")
+        raise UserInputError(f"--batch_size {args.batch_size}: VOC images differ in size, use --batch_size 1")
     return args
-
-
-PROTOCOL_FLAGS = ("mode", "crop_size", "stride")
 
 
 def protocol_from_args(args, model_protocol: dict | None = None) -> tuple[dict, str]:
     """(protocol, where it came from): the model's recorded eval_protocol, else the dataset's default,
     with any --mode/--crop_size/--stride given on top."""
-    from cps_hf.inference import resolve_protocol
-
-    if model_protocol is not None:
-        source = f"{args.model}'s config.json eval_protocol (what the trainer evaluated with)"
-    else:
-        source = f"the {args.dataset} default (the original code's; the model records no eval_protocol)"
-    overrides = [f"--{flag}" for flag in PROTOCOL_FLAGS if getattr(args, flag) is not None]
-    if overrides:
-        source += f", overridden by {' '.join(overrides)}"
-    try:
-        protocol = resolve_protocol(args.dataset, args.mode, args.crop_size, args.stride, args.scales, args.flip,
-                                    base=model_protocol)
-    except ValueError as err:
-        raise SystemExit(f"--mode/--crop_size: {err}") from err
-    return protocol, source
+    return protocol_for_model(args.dataset, args.model, model_protocol, args.mode, args.crop_size, args.stride,
+                              args.scales, args.flip)
 
 
 def _plain(value):
@@ -107,31 +92,32 @@ def format_table(results: dict, class_names: list[str]) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    for flag, name in (("--model", args.model), ("--model2", args.model2)):
+        if name:
+            check_model_source(name, flag)  # before accelerate starts and the model and data load
     from accelerate import Accelerator
 
     from cps_hf.data import EvalTransform, class_spec_of
-    from cps_hf.inference import (TransformedDataset, describe_protocol, evaluate_model, load_eval_split,
-                                  load_segmentation_model, model_eval_protocol)
 
+    split = load_eval_split(args.dataset, args.data_root, args.split)
     accelerator = Accelerator()
     model, mean, std = load_segmentation_model(args.model, accelerator.device)
     protocol, protocol_source = protocol_from_args(args, model_eval_protocol(model.config))
     if accelerator.is_main_process:
-        print(f"protocol: {describe_protocol(protocol)}, scales {list(protocol['scales'])}, flip {protocol['flip']}; "
-              f"from {protocol_source}")
+        print(f"protocol: {describe_protocol_choice(protocol, protocol_source)}")
     models = [model]
     if args.both_branches:
-        models.append(load_segmentation_model(args.model2, accelerator.device)[0])
+        models.append(load_segmentation_model(args.model2, accelerator.device, flag="--model2")[0])
         if models[1].config.num_labels != model.config.num_labels:
-            raise SystemExit(f"--model has {model.config.num_labels} classes but --model2 {models[1].config.num_labels}")
+            raise UserInputError(f"--model has {model.config.num_labels} classes but --model2 "
+                                 f"{models[1].config.num_labels}")
     num_labels = model.config.num_labels
 
-    split = load_eval_split(args.dataset, args.data_root, args.split)
     spec = class_spec_of(split)
     class_names = list(spec.names) if spec is not None else [model.config.id2label[i] for i in range(num_labels)]
     if len(class_names) != num_labels:
-        raise SystemExit(f"{args.data_root} ({args.dataset}) has {len(class_names)} classes but the model predicts "
-                         f"{num_labels}")
+        raise UserInputError(f"--data_root {args.data_root} ({args.dataset}) has {len(class_names)} classes but "
+                             f"--model {args.model} predicts {num_labels}")
     if args.max_samples is not None:
         split = split.select(range(min(args.max_samples, len(split))))
     data = TransformedDataset(split, EvalTransform(mean=mean, std=std, num_classes=num_labels))
@@ -141,9 +127,13 @@ def main(argv=None) -> dict:
         from cps_hf.metrics import EvaluateModuleMeanIoU
 
         if accelerator.num_processes > 1:
-            raise SystemExit(f"--metric {args.metric}: evaluate metrics run in a single process; drop --metric "
-                             "(cps_hf's MeanIoU sums across processes) or launch one process")
-        metric = EvaluateModuleMeanIoU(args.metric, num_labels, ignore_index=255)
+            raise UserInputError(f"--metric {args.metric}: evaluate metrics run in a single process; drop --metric "
+                                 "(cps_hf's MeanIoU sums across processes) or launch one process")
+        try:
+            metric = EvaluateModuleMeanIoU(args.metric, num_labels, ignore_index=255)
+        except RuntimeError as err:  # unknown name, offline, broken module
+            reason = str(err).strip().splitlines()[0]
+            raise UserInputError(f"--metric {args.metric}: {reason}") from err
     results = evaluate_model(
         models, data, num_labels=num_labels, ignore_index=255, accelerator=accelerator,
         batch_size=args.batch_size, num_workers=args.num_workers, progress=True, metric=metric, **protocol,
@@ -170,4 +160,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_cli(main))

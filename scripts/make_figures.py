@@ -12,15 +12,24 @@ from the first model's id2label), training_curves.png (loss, loss_sup, loss_cps,
 agreement.png (the fraction of pixels where the two branches' argmax agree: one labelled line per
 agreement key the trainer logged, agreement_u / agreement_u_fg / agreement_l / agreement_l_fg) and
 eval_mean_iou.png. Keys may carry a tracker prefix ("train/loss"). `--models` takes local folders
-(an argument that looks like a path must be an existing folder) or Hub ids (owner/name).
+(an argument that looks like a path must be an existing folder) or Hub ids (owner/name). Each model
+predicts under the protocol the trainer evaluated it with (`eval_protocol` in its config.json), else
+the dataset's default (as scripts/evaluate_cps.py); --mode/--crop_size/--stride override it, and the
+script prints which one each model uses. A mistake in the arguments is one line `error: ...` on
+stderr and exit status 2 (`--debug`: traceback).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
+
+from cps_hf.cli import run_cli
+from cps_hf.errors import UserInputError
+from cps_hf.inference import (add_protocol_arguments, check_model_source, describe_protocol_choice,
+                              load_eval_split, load_segmentation_model, model_eval_protocol, predict_logits,
+                              protocol_for_model)
 
 TRAINING_KEYS = ("loss", "loss_sup", "loss_cps", "lr")
 # What each agreement key of the trainer (cps_hf.methods) measures; plain "agreement" is older logs' name.
@@ -45,11 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num_images", type=int, default=4)
     parser.add_argument("--ids", nargs="+", help="pick these sample ids instead of the first --num_images")
     parser.add_argument("--cell_size", type=int, nargs=2, metavar=("WIDTH", "HEIGHT"), help="default: first image's")
-    parser.add_argument("--mode", choices=["whole", "slide"])
-    parser.add_argument("--crop_size", type=int)
-    parser.add_argument("--stride", type=int)
-    parser.add_argument("--scales", type=float, nargs="+", default=[1.0])
-    parser.add_argument("--flip", action="store_true")
+    add_protocol_arguments(parser, "the dataset's (as scripts/evaluate_cps.py)")
     args = parser.parse_args(argv)
     if not args.log and not args.models:
         parser.error("nothing to draw: give --log and/or --models")
@@ -87,11 +92,11 @@ def curve_figures(log_path: str, output_dir: Path) -> list[Path]:
     path = Path(log_path)
     path = path / "log.jsonl" if path.is_dir() else path
     if not path.is_file():
-        raise SystemExit(f"--log {log_path}: no such file (give a trainer log.jsonl or the run folder holding it)")
+        raise UserInputError(f"--log {log_path}: no such file (give a trainer log.jsonl or the run folder holding it)")
     try:
         records = read_log(path)
     except ValueError as err:
-        raise SystemExit(f"--log {err}") from None
+        raise UserInputError(f"--log {err}") from None
     numeric = numeric_keys(records)
     written = []
     training = logged_keys(numeric, TRAINING_KEYS)
@@ -113,54 +118,16 @@ def curve_figures(log_path: str, output_dir: Path) -> list[Path]:
     else:
         print(f"{path}: no values for eval_mean_iou.png (eval_mean_iou)")
     if not written:
-        raise SystemExit(f"{path}: none of the known keys were logged")
+        raise UserInputError(f"--log {log_path}: none of the known keys were logged in {path}")
     return written
 
 
-def _looks_like_path(name: str) -> bool:
-    """Hub ids are `name` or `owner/name`; more separators, a leading . ~ /, or a backslash mean a path."""
-    return (name.startswith((".", "~", "/")) or "\\" in name or name.count("/") > 1 or name.endswith("/")
-            or os.path.isabs(name))
-
-
-def check_model_source(name: str, flag: str = "--models") -> str:
-    """`name` if it is a local folder or a well-formed Hub id; otherwise exit with one line saying which,
-    instead of huggingface_hub's "Repo id must be in the form ..." for a mistyped folder."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return str(path)
-    if path.exists():
-        raise SystemExit(f"{flag} {name}: is a file, not a model folder (give the folder holding config.json)")
-    if _looks_like_path(name):
-        raise SystemExit(f"{flag} {name}: folder does not exist")
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        raise SystemExit(f"{flag} {name}: no such folder, and not a Hub model id (owner/name)") from None
-    return name
-
-
-def load_model_or_exit(name: str, device="cpu", flag: str = "--models"):
-    """`load_segmentation_model`, with a one-line exit naming the model when it cannot be loaded."""
-    from cps_hf.inference import load_segmentation_model
-
-    source = check_model_source(name, flag)
-    try:
-        return load_segmentation_model(source, device)
-    except (OSError, ValueError, KeyError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise SystemExit(f"{flag} {name}: cannot load a segmentation model ({reason})") from None
-
-
-def _select(split, ids, num_images):
+def _select(split, ids, num_images, split_name: str = "chosen"):
     if ids:
         positions = {sample_id: index for index, sample_id in enumerate(split["id"])}
         unknown = [i for i in ids if i not in positions]
         if unknown:
-            raise SystemExit(f"--ids not in the split: {unknown}")
+            raise UserInputError(f"--ids {' '.join(unknown)}: not in the {split_name} split")
         return [positions[i] for i in ids]
     return list(range(min(num_images, len(split))))
 
@@ -169,22 +136,25 @@ def comparison_figure(args, output_dir: Path) -> Path:
     import torch
 
     from cps_hf.data import EvalTransform, class_spec_of
-    from cps_hf.inference import load_eval_split, predict_logits, resolve_protocol
     from cps_hf.visualize import comparison_grid, denormalize
 
-    try:
-        protocol = resolve_protocol(args.dataset, args.mode, args.crop_size, args.stride, args.scales, args.flip)
-    except ValueError as err:
-        raise SystemExit(f"--mode/--crop_size: {err}") from None
-    loaded = [load_model_or_exit(name) for name in args.models]
+    loaded, protocols = [], []
+    for name in args.models:
+        model, mean, std = load_segmentation_model(name, flag="--models")
+        protocol, source = protocol_for_model(args.dataset, name, model_eval_protocol(model.config), args.mode,
+                                              args.crop_size, args.stride, args.scales, args.flip)
+        print(f"{name}: protocol {describe_protocol_choice(protocol, source)}")
+        loaded.append((model, mean, std))
+        protocols.append(protocol)
     split = load_eval_split(args.dataset, args.data_root, args.split)
+    chosen = _select(split, args.ids, args.num_images, args.split)
     spec = class_spec_of(split)
     palette = spec.palette if spec is not None and spec.palette else ("cityscapes" if args.dataset == "cityscapes" else "voc")
     rows = []
-    for index in _select(split, args.ids, args.num_images):
+    for index in chosen:
         item = split[index]
         row = None
-        for model, mean, std in loaded:
+        for (model, mean, std), protocol in zip(loaded, protocols):
             sample = EvalTransform(mean=mean, std=std)(item)
             if row is None:
                 row = [denormalize(sample["pixel_values"], mean, std), sample["labels"]]
@@ -205,7 +175,7 @@ def comparison_figure(args, output_dir: Path) -> Path:
 def main(argv=None) -> list[Path]:
     args = parse_args(argv)
     for name in args.models or []:
-        check_model_source(name)  # every name checked before the slow imports and the first load
+        check_model_source(name, "--models")  # every name checked before the data and the first model load
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -219,4 +189,4 @@ def main(argv=None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_cli(main))

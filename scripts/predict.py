@@ -8,9 +8,10 @@
     accelerate launch --num_processes 2 scripts/predict.py --model outputs/demo/model --inputs photos --output_dir preds
 
 `--inputs` takes folders (their image files, not recursive), glob patterns (quote them) and files.
-`--model` is a local model folder or a Hub id. Prediction is on the whole image by default; `--mode
+`--model` is a local model folder or a Hub id. The default protocol is the one the trainer evaluated
+the model with (`eval_protocol` in its config.json), else the whole image at its own size; `--mode
 slide --crop_size --stride --scales --flip` choose another of the paper's protocols (as in
-scripts/evaluate_cps.py). Up to `--batch_size` consecutive images of the same size share a batch;
+scripts/evaluate_cps.py). The script prints which protocol it uses and where it came from. Up to `--batch_size` consecutive images of the same size share a batch;
 an image of another size starts a new batch. Under `accelerate launch` each process predicts a
 disjoint share of the images.
 
@@ -23,7 +24,8 @@ Output folder:
                               classes (ids present), class_names; an image skipped with
                               --skip_unreadable has {"input", "skipped": why} instead
 
-An unreadable image stops the run with an error naming it, unless `--skip_unreadable`.
+An unreadable image stops the run with an error naming it, unless `--skip_unreadable`. A mistake in
+the arguments or the inputs is one line `error: ...` on stderr and exit status 2 (`--debug`: traceback).
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ from pathlib import Path
 
 import numpy as np
 
+from cps_hf.cli import run_cli
+from cps_hf.errors import UserInputError
+from cps_hf.inference import (add_protocol_arguments, check_model_source, describe_protocol_choice,
+                              load_segmentation_model, model_eval_protocol, protocol_for_model)
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
@@ -48,20 +55,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="auto: CUDA when there is a GPU (one per process under accelerate launch), else the CPU")
     parser.add_argument("--batch_size", type=int, default=1, help="images per forward pass (same-size images only)")
-    parser.add_argument("--mode", choices=["whole", "slide"], default="whole")
-    parser.add_argument("--crop_size", type=int, help="slide: window size; whole: pad smaller images up to it")
-    parser.add_argument("--stride", type=int, help="sliding-window step; default ceil(2/3 crop)")
-    parser.add_argument("--scales", type=float, nargs="+", default=[1.0])
-    parser.add_argument("--flip", action="store_true", help="also average the horizontally flipped prediction")
+    add_protocol_arguments(parser, "the whole image at its own size")
     parser.add_argument("--palette", choices=["voc", "cityscapes"], default="voc", help="mask and overlay colours")
     parser.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the prediction colours")
     parser.add_argument("--skip_unreadable", action="store_true",
                         help="skip images that cannot be decoded (listed in the manifest and printed), not stop")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
-        parser.error(f"--batch_size must be at least 1, got {args.batch_size}")
+        raise UserInputError(f"--batch_size must be at least 1, got {args.batch_size}")
     if not 0.0 <= args.alpha <= 1.0:
-        parser.error(f"--alpha must lie in [0, 1], got {args.alpha}")
+        raise UserInputError(f"--alpha must lie in [0, 1], got {args.alpha}")
     return args
 
 
@@ -76,15 +79,15 @@ def _expand(entry: str) -> list[Path]:
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if _is_image_file(p))
         if not files:
-            raise SystemExit(f"--inputs {entry}: folder holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+            raise UserInputError(f"--inputs {entry}: folder holds no image files ({', '.join(IMAGE_SUFFIXES)})")
         return files
     if glob.has_magic(entry):
         files = sorted(Path(p) for p in glob.glob(os.path.expanduser(entry), recursive=True) if Path(p).is_file())
         if not files:
-            raise SystemExit(f"--inputs {entry}: pattern matches no files")
+            raise UserInputError(f"--inputs {entry}: pattern matches no files")
         return files
     if not path.exists():
-        raise SystemExit(f"--inputs {entry}: no such file or folder")
+        raise UserInputError(f"--inputs {entry}: no such file or folder")
     return [path]
 
 
@@ -94,50 +97,13 @@ def collect_inputs(entries: list[str]) -> list[Path]:
     stems: dict[str, Path] = {}
     for file in files:
         if file.stem in stems:
-            raise SystemExit(f"--inputs: {stems[file.stem]} and {file} share the stem {file.stem!r}, so their "
-                             "outputs would overwrite each other; rename one or predict them in separate runs")
+            raise UserInputError(f"--inputs: {stems[file.stem]} and {file} share the stem {file.stem!r}, so their "
+                                 "outputs would overwrite each other; rename one or predict them in separate runs")
         stems[file.stem] = file
     return files
 
 
-# ---------------------------------------------------------------------- model and device
-def _looks_like_path(name: str) -> bool:
-    """Hub ids are `name` or `owner/name`; more separators, a leading . ~ /, or a backslash mean a path."""
-    return (name.startswith((".", "~", "/")) or "\\" in name or name.count("/") > 1 or name.endswith("/")
-            or os.path.isabs(name))
-
-
-def check_model_source(name: str, flag: str = "--model") -> str:
-    """`name` if it is a local folder or a well-formed Hub id; otherwise exit with one line saying which."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return str(path)
-    if path.exists():
-        raise SystemExit(f"{flag} {name}: is a file, not a model folder (give the folder holding config.json)")
-    if _looks_like_path(name):
-        raise SystemExit(f"{flag} {name}: folder does not exist")
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        raise SystemExit(f"{flag} {name}: no such folder, and not a Hub model id (owner/name)") from None
-    return name
-
-
-def load_model_or_exit(name: str, device, flag: str = "--model"):
-    """(model, mean, std) via `load_segmentation_model`, or a one-line exit naming the model."""
-    from cps_hf.inference import load_segmentation_model
-
-    source = check_model_source(name, flag)
-    try:
-        return load_segmentation_model(source, device)
-    except (OSError, ValueError, KeyError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise SystemExit(f"{flag} {name}: cannot load a segmentation model ({reason})") from None
-
-
+# ---------------------------------------------------------------------- device and protocol
 def process_state(device: str):
     """(accelerate's process state: rank and world size, the device this process predicts on).
 
@@ -148,7 +114,7 @@ def process_state(device: str):
     from accelerate.utils import parse_flag_from_env
 
     if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible here; use --device cpu or auto")
+        raise UserInputError("--device cuda: no CUDA device is visible here; use --device cpu or auto")
     on_cpu = device == "cpu" or (device == "auto" and (parse_flag_from_env("ACCELERATE_USE_CPU")
                                                        or not torch.cuda.is_available()))
     state = PartialState(cpu=on_cpu)
@@ -157,13 +123,11 @@ def process_state(device: str):
     return state, torch.device("cuda", state.local_process_index % torch.cuda.device_count())
 
 
-def protocol_from_args(args) -> dict:
-    from cps_hf.inference import resolve_protocol
-
-    try:
-        return resolve_protocol("folder", args.mode, args.crop_size, args.stride, args.scales, args.flip)
-    except ValueError as err:
-        raise SystemExit(f"--mode/--crop_size: {err}") from None
+def protocol_from_args(args, model_protocol: dict | None = None) -> tuple[dict, str]:
+    """(protocol, where it came from): the model's recorded eval_protocol, else the whole image at its
+    own size, with any --mode/--crop_size/--stride given on top."""
+    return protocol_for_model("folder", args.model, model_protocol, args.mode, args.crop_size, args.stride,
+                              args.scales, args.flip, default_name="the whole image at its own size")
 
 
 # ---------------------------------------------------------------------- prediction
@@ -239,11 +203,11 @@ def write_outputs(path: Path, image: np.ndarray, mask: np.ndarray, output_dir: P
             "class_names": [str(id2label.get(c, c)) for c in classes]}
 
 
-def predict_shard(files: list[Path], model, mean, std, device, args, output_dir: Path) -> tuple[list[dict], str | None]:
+def predict_shard(files: list[Path], model, mean, std, device, args, output_dir: Path,
+                  protocol: dict) -> tuple[list[dict], str | None]:
     """This process's records, and the error that stopped it (reported by every process, so none waits forever)."""
     from cps_hf.data import DatasetError
 
-    protocol = protocol_from_args(args)
     id2label = {int(k): v for k, v in model.config.id2label.items()}
     records = []
     try:
@@ -291,17 +255,20 @@ def write_manifest(records: list[dict], output_dir: Path) -> Path:
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     files = collect_inputs(args.inputs)
-    check_model_source(args.model)  # mistakes in the arguments fail before the (slow) imports and model load
-    protocol_from_args(args)
+    check_model_source(args.model)  # mistakes in the arguments fail before accelerate starts and the model loads
     state, device = process_state(args.device)
-    model, mean, std = load_model_or_exit(args.model, device)
+    model, mean, std = load_segmentation_model(args.model, device)
+    protocol, protocol_source = protocol_from_args(args, model_eval_protocol(model.config))
+    if state.is_main_process:
+        print(f"protocol: {describe_protocol_choice(protocol, protocol_source)}")
     output_dir = Path(args.output_dir)
     for folder in ("masks", "overlays"):
         (output_dir / folder).mkdir(parents=True, exist_ok=True)
     shard = share_of_process(files, state)
-    records, errors = gather_records(state, *predict_shard(shard, model, mean, std, device, args, output_dir))
+    records, errors = gather_records(state, *predict_shard(shard, model, mean, std, device, args, output_dir,
+                                                           protocol))
     if errors:
-        raise SystemExit(errors[0] if state.is_main_process else 1)
+        raise UserInputError(errors[0])  # on every process, so each exits with the same status
     records = in_input_order(records, files)
     if state.is_main_process:
         manifest = write_manifest(records, output_dir)
@@ -314,4 +281,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_cli(main))

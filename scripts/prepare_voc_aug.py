@@ -7,8 +7,9 @@ SBD's benchmark.tgz (benchmark_RELEASE). No SegmentationClassAug.zip download is
     python scripts/prepare_voc_aug.py --voc_root data/VOCdevkit --sbd_root data/benchmark_RELEASE
     python scripts/check_dataset.py --dataset voc --root data/VOCdevkit --splits train_aug val
 
-Ids labelled by both take VOC 2012's label unless `--prefer sbd`. Prints a JSON report; exits
-with status 1 and names the files when a train_aug id ends without an image or a label.
+Ids labelled by both take VOC 2012's label unless `--prefer sbd`. Prints a JSON report. A root
+that is not the expected tree, an SBD file that cannot be read, or a train_aug id that ends without
+an image or a label stops it with `error: ...` naming the files on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import json
 import os
 import sys
 
+from cps_hf.cli import run_cli
 from cps_hf.data import DatasetError
 from cps_hf.data.voc_aug import build_voc_aug
+from cps_hf.errors import UserInputError
 
 
 def main(argv=None) -> dict:
@@ -29,14 +32,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--prefer", choices=["voc", "sbd"], default="voc", help="label source for ids in both")
     parser.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1))
     args = parser.parse_args(argv)
-    try:
-        report = build_voc_aug(args.voc_root, args.sbd_root, prefer=args.prefer, num_workers=args.num_workers)
-    except DatasetError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(1) from error
+    for flag, root in (("--voc_root", args.voc_root), ("--sbd_root", args.sbd_root)):
+        if not os.path.isdir(os.path.expanduser(root)):
+            raise DatasetError(f"{flag} {root}: folder does not exist")
+    if args.num_workers < 1:
+        raise UserInputError(f"--num_workers must be at least 1, got {args.num_workers}")
+    report = build_voc_aug(os.path.expanduser(args.voc_root), os.path.expanduser(args.sbd_root), prefer=args.prefer,
+                           num_workers=args.num_workers)
     print(json.dumps(report, indent=2))
     return report
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_cli(main))

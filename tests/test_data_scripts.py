@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cps_hf.cli import run_cli
 from cps_hf.data import make_demo_voc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +45,8 @@ def test_check_dataset_reports_all_problems(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "demo_000006.png: label values [9]" in out and "demo_000007.jpg: truncated JPEG" in out
     assert "demo_000007.png: empty file (0 bytes)" in out and "3 problem(s) in total" in out
+    # The command keeps exit status 1 for problems found (2 is for a mistake in the flags).
+    assert run_cli(check.main, ["--dataset", "voc", "--root", str(tmp_path), "--splits", "val", "--workers", "1"]) == 1
 
 
 # ---------------------------------------------------------------- prepare_voc_aug (SBD -> train_aug)
@@ -102,12 +105,11 @@ def test_prepare_voc_aug_names_what_is_missing_or_broken(tmp_path, capsys):
     root, _ = _fake_voc_and_sbd(tmp_path)
     prepare = _script("prepare_voc_aug")
     sbd = root / "benchmark_RELEASE"
+    argv = ["--voc_root", str(root), "--sbd_root", str(sbd), "--num_workers", "1"]
     (sbd / "dataset" / "cls" / "s_only.mat").unlink()
-    with pytest.raises(SystemExit):
-        prepare.main(["--voc_root", str(root), "--sbd_root", str(sbd), "--num_workers", "1"])
+    assert run_cli(prepare.main, argv) == 2
     error = capsys.readouterr().err
-    assert "1 without a label" in error and "s_only" in error
+    assert error.startswith("error: ") and "1 without a label" in error and "s_only" in error
     (sbd / "dataset" / "cls" / "s_only.mat").write_bytes(b"not a matlab file")
-    with pytest.raises(SystemExit):
-        prepare.main(["--voc_root", str(root), "--sbd_root", str(sbd), "--num_workers", "1"])
+    assert run_cli(prepare.main, argv) == 2
     assert "s_only.mat: not an SBD class label" in capsys.readouterr().err

@@ -124,6 +124,30 @@ def test_bad_arguments_raise_clearly():
         predict_logits(model, x[0])
 
 
+
+def test_model_sources_a_user_mistyped_are_one_line_user_errors(tmp_path):
+    """What every script shows for --model: no huggingface_hub "Repo id must be in the form ..." for a folder."""
+    from cps_hf.errors import UserInputError
+    from cps_hf.inference import load_segmentation_model
+
+    (tmp_path / "weights.bin").write_bytes(b"")
+    (tmp_path / "run").mkdir()
+    cases = [
+        (str(tmp_path / "no" / "model"), "folder does not exist"),
+        ("./no_such_model_folder_here", "folder does not exist"),
+        (str(tmp_path / "weights.bin"), "is a file, not a model folder"),
+        (str(tmp_path / "run"), "no config.json in that folder"),
+        ("not a hub id!", "no such folder, and not a Hub model id"),
+    ]
+    if os.environ.get("HF_HUB_OFFLINE") == "1":  # offline: a Hub id fails at once, with the cause's first line
+        cases.append(("someone/no-such-cps-model", "cannot load a segmentation model ("))
+    for source, message in cases:
+        with pytest.raises(UserInputError) as raised:
+            load_segmentation_model(source, flag="--models")
+        text = str(raised.value)
+        assert text.startswith(f"--models {source}: {message}") and "\n" not in text, text
+
+
 # ---------------------------------------------------------------- evaluation loop
 class LabelReader(nn.Module):
     """Predicts the class written into channel 0 of the image, except where channel 1 is set."""

@@ -1,4 +1,5 @@
-"""scripts/evaluate_cps.py and scripts/make_figures.py end to end on a tiny demo VOC and random-init models."""
+"""scripts/evaluate_cps.py and scripts/make_figures.py end to end on a tiny demo VOC and random-init models;
+every user-run script's one-line answer to a typical mistake."""
 
 import importlib.util
 import json
@@ -10,6 +11,7 @@ import torch
 from PIL import Image
 
 from cps_hf import CPSConfig, CPSForSemanticSegmentation, CPSImageProcessor
+from cps_hf.cli import run_cli
 from cps_hf.data import DEMO_CLASSES, make_demo_voc
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -116,8 +118,13 @@ def test_evaluate_cps_metric_option_cross_checks_with_an_evaluate_module(workspa
     for key in ("eval_mean_iou", "eval_mean_accuracy", "eval_overall_accuracy", "eval_per_category_iou",
                 "eval_per_category_accuracy"):
         assert crosscheck[key] == pytest.approx(default[key], nan_ok=True), key
-    with pytest.raises(RuntimeError, match="could not load the evaluate metric 'no_such_metric_here'"):
+    from cps_hf.errors import UserInputError
+
+    with pytest.raises(UserInputError) as raised:
         evaluate_cps.main([*common, "--metric", "no_such_metric_here"])
+    message = str(raised.value)
+    assert message.startswith("--metric no_such_metric_here: could not load the evaluate metric")
+    assert "\n" not in message
 
 
 def test_evaluate_cps_both_branches_slide_flip(workspace, tmp_path):
@@ -155,3 +162,30 @@ def test_make_figures_grid_and_curves(workspace, tmp_path):
     for path in written[1:]:
         with Image.open(path) as picture:
             assert picture.format == "PNG"
+
+
+# (script, its arguments with a typical mistake, what the error line must name); {tmp} is a fresh folder,
+# {voc} a tiny VOC tree, {model} a model folder and {folder} a folder that is neither.
+USER_MISTAKES = [
+    ("evaluate_cps", "--model {tmp}/no/such/model --dataset voc --data_root {voc}", "--model {tmp}/no/such/model"),
+    ("evaluate_cps", "--model {folder} --dataset voc --data_root {voc}", "--model {folder}: no config.json"),
+    ("evaluate_cps", "--model {model} --dataset voc --data_root {tmp}/no_data", "--data_root {tmp}/no_data"),
+    ("evaluate_cps", "--model {model} --dataset voc --data_root {voc} --split vall", "split 'vall'"),
+    ("predict", "--model {model} --inputs {tmp}/missing.png --output_dir {tmp}/out", "--inputs {tmp}/missing.png"),
+    ("make_figures", "--log {tmp}/no_run --output_dir {tmp}/figs", "--log {tmp}/no_run"),
+    ("check_dataset", "--dataset voc --root {tmp}/no_data", "--root {tmp}/no_data"),
+    ("prepare_voc_aug", "--voc_root {tmp}/no_voc --sbd_root {folder}", "--voc_root {tmp}/no_voc"),
+    ("compare_methods", "--config {tmp}/missing.yaml --output_dir {tmp}/cmp", "--config {tmp}/missing.yaml"),
+    ("make_demo_data", "--out {tmp}/demo --min-size 90 --max-size 40", "--min-size 90"),
+]
+
+
+@pytest.mark.parametrize("script, argv, culprit", USER_MISTAKES,
+                         ids=[f"{case[0]}-{index}" for index, case in enumerate(USER_MISTAKES)])
+def test_a_user_mistake_is_one_error_line_with_exit_status_2(script, argv, culprit, workspace, tmp_path, capsys):
+    root, model, _ = workspace
+    names = {"tmp": tmp_path, "voc": root / "voc", "model": model, "folder": root}
+    status = run_cli(load_script(script).main, argv.format(**names).split())
+    lines = capsys.readouterr().err.splitlines()
+    assert status == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("error: ") and culprit.format(**names) in lines[0], lines[0]

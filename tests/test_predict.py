@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from cps_hf import CPSConfig, CPSForSemanticSegmentation, CPSImageProcessor
+from cps_hf.errors import UserInputError
 from cps_hf.inference import load_segmentation_model, predict_logits
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "predict.py"
@@ -34,16 +35,19 @@ def write_image(path: Path, size: tuple[int, int], seed: int) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("predict_model") / "model"
+def save_tiny_model(folder: Path, **extra) -> str:
     torch.manual_seed(0)
     config = CPSConfig(backbone="resnet18", num_labels=len(CLASSES), id2label=dict(enumerate(CLASSES)),
                        label2id={n: i for i, n in enumerate(CLASSES)}, aspp_channels=16, decoder_channels=16,
-                       low_level_channels=8)
+                       low_level_channels=8, **extra)
     CPSForSemanticSegmentation(config).eval().save_pretrained(folder)
     CPSImageProcessor().save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("predict_model") / "model")
 
 
 @pytest.fixture
@@ -91,7 +95,25 @@ def test_masks_overlays_and_manifest_match_the_model(model_dir, images, tmp_path
         assert record["class_names"] == [CLASSES[c] for c in record["classes"]]
         with Image.open(out / "overlays" / f"{source.stem}.png") as overlay_file:
             assert overlay_file.size == (width, height) and overlay_file.mode == "RGB"
-    assert "wrote 3 masks and overlays" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "wrote 3 masks and overlays" in printed
+    assert "protocol: whole image at its own size" in printed and "records no eval_protocol" in printed
+
+
+def test_the_protocol_the_model_recorded_is_the_default(images, tmp_path, capsys):
+    """As evaluate_cps.py: a model's config.eval_protocol (what the trainer evaluated with) is the default."""
+    recorded = save_tiny_model(tmp_path / "recorded", eval_protocol={"mode": "slide", "crop_size": 40, "stride": 30})
+    odd = images[1]
+    load_predict().main(["--model", recorded, "--inputs", str(odd), "--output_dir", str(tmp_path / "out")])
+    printed = capsys.readouterr().out
+    assert "protocol: sliding 40 px windows, stride 30" in printed and "eval_protocol" in printed
+    mask = np.asarray(Image.open(tmp_path / "out" / "masks" / "odd.png"))
+    np.testing.assert_array_equal(mask, direct_argmax(recorded, odd, mode="slide", crop_size=40, stride=30))
+    load_predict().main(["--model", recorded, "--inputs", str(odd), "--output_dir", str(tmp_path / "whole"),
+                         "--mode", "whole", "--crop_size", "0"])
+    assert "overridden by --mode --crop_size" in capsys.readouterr().out
+    mask = np.asarray(Image.open(tmp_path / "whole" / "masks" / "odd.png"))
+    np.testing.assert_array_equal(mask, direct_argmax(recorded, odd))
 
 
 def test_same_size_images_share_a_batch(model_dir, tmp_path, monkeypatch):
@@ -128,7 +150,7 @@ def test_unreadable_image_stops_or_is_skipped(model_dir, images, tmp_path, capsy
     bad = images[0].parent / "broken.png"
     bad.write_bytes(b"not a png at all")
     common = ["--model", model_dir, "--inputs", str(images[0].parent)]
-    with pytest.raises(SystemExit, match=r"broken\.png: cannot decode image.*--skip_unreadable"):
+    with pytest.raises(UserInputError, match=r"broken\.png: cannot decode image.*--skip_unreadable"):
         predict.main([*common, "--output_dir", str(tmp_path / "stop")])
     assert not (tmp_path / "stop" / "manifest.jsonl").exists()
     predict.main([*common, "--output_dir", str(tmp_path / "skip"), "--skip_unreadable"])
@@ -152,20 +174,21 @@ def test_bad_inputs_and_model_names_give_one_line_errors(model_dir, tmp_path):
         (["--model", model_dir, "--inputs", str(tmp_path / "missing.png")], "missing.png: no such file or folder"),
         (["--model", str(tmp_path / "no" / "such" / "model"), "--inputs", image], "such/model: folder does not exist"),
         (["--model", model_dir, "--inputs", image, "--mode", "slide"], "slide protocol needs a crop"),
+        (["--model", model_dir, "--inputs", image, "--batch_size", "0"], "--batch_size must be at least 1"),
     ]
     for argv, message in cases:
-        with pytest.raises(SystemExit) as raised:
+        with pytest.raises(UserInputError) as raised:
             predict.main([*argv, *out])
         assert message in str(raised.value) and "\n" not in str(raised.value), str(raised.value)
     (tmp_path / "dup").mkdir()
     write_image(tmp_path / "dup" / "x.jpg", (8, 8), 1)
-    with pytest.raises(SystemExit, match="share the stem 'x'"):
+    with pytest.raises(UserInputError, match="share the stem 'x'"):
         predict.main(["--model", model_dir, "--inputs", image, str(tmp_path / "dup"), *out])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_device_cuda_without_a_gpu(model_dir, images, tmp_path):
-    with pytest.raises(SystemExit, match="--device cuda: no CUDA device"):
+    with pytest.raises(UserInputError, match="--device cuda: no CUDA device"):
         load_predict().main(["--model", model_dir, "--inputs", str(images[0]), "--output_dir", str(tmp_path),
                              "--device", "cuda"])
 
@@ -175,8 +198,8 @@ def test_command_line_error_is_one_line(tmp_path):
     completed = subprocess.run([sys.executable, str(SCRIPT), "--model", str(tmp_path / "a" / "b" / "c"), "--inputs",
                                 str(write_image(tmp_path / "x.png", (8, 8), 0)), "--output_dir", str(tmp_path / "o")],
                                env=env, capture_output=True, text=True, timeout=120)
-    assert completed.returncode != 0
-    assert completed.stderr.strip() == f"--model {tmp_path / 'a' / 'b' / 'c'}: folder does not exist"
+    assert completed.returncode == 2
+    assert completed.stderr.strip() == f"error: --model {tmp_path / 'a' / 'b' / 'c'}: folder does not exist"
 
 
 @pytest.mark.slow

@@ -189,3 +189,25 @@ def test_a_broken_training_image_is_found_before_the_first_step(demo_root, tmp_p
     skipped = [json.loads(line) for line in (out / "skipped_samples.jsonl").read_text().splitlines()]
     assert len(skipped) == 1 and broken.name in json.dumps(skipped[0])
     assert results["num_labeled"] + results["num_unlabeled"] == len(train_ids) - 1
+
+
+def test_run_cli_keeps_exit_codes_and_leaves_flags_after_double_dash_alone(capsys):
+    from cps_hf.cli import run_cli
+
+    seen = []
+
+    def main(argv):
+        seen.append(argv)
+        return 1
+
+    assert run_cli(main, ["--a", "--debug", "--", "--debug"]) == 1
+    assert seen == [["--a", "--", "--debug"]]  # --debug before `--` is run_cli's own; after it, the child's
+    assert run_cli(lambda argv: None, []) == 0
+
+    def refuse(argv):
+        raise ConfigError("--crop_size must be >= 1, got 0")
+
+    assert run_cli(refuse, []) == 2
+    assert capsys.readouterr().err.strip() == "error: --crop_size must be >= 1, got 0"
+    with pytest.raises(ConfigError):
+        run_cli(refuse, ["--debug"])

@@ -184,24 +184,26 @@ def test_make_figures_plots_every_agreement_key_the_trainer_logs(tmp_path, monke
 
 
 def test_make_figures_names_a_missing_model_folder(tmp_path):
+    from cps_hf.errors import UserInputError
+
     make_figures = load_make_figures()
     missing = tmp_path / "some" / "folder" / "that" / "does" / "not" / "exist"
     common = ["--dataset", "voc", "--data_root", str(tmp_path), "--output_dir", str(tmp_path / "figs")]
-    with pytest.raises(SystemExit, match=f"^--models {missing}: folder does not exist$"):
+    with pytest.raises(UserInputError, match=f"^--models {missing}: folder does not exist$"):
         make_figures.main(["--models", str(missing), *common])
-    with pytest.raises(SystemExit, match="folder does not exist"):
+    with pytest.raises(UserInputError, match="folder does not exist"):
         make_figures.main(["--models", "some/folder/that/does/not/exist", *common])
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(SystemExit, match="config.json: is a file, not a model folder"):
+    with pytest.raises(UserInputError, match="config.json: is a file, not a model folder"):
         make_figures.main(["--models", str(tmp_path / "config.json"), *common])
-    with pytest.raises(SystemExit) as hub:  # Hub-shaped: goes to the Hub (offline here), still one line
+    with pytest.raises(UserInputError) as hub:  # Hub-shaped: goes to the Hub (offline here), still one line
         make_figures.main(["--models", "someone/no-such-cps-model", *common])
     assert str(hub.value).startswith("--models someone/no-such-cps-model: cannot load") and "\n" not in str(hub.value)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     completed = subprocess.run([sys.executable, str(SCRIPTS / "make_figures.py"), "--models", str(missing), *common],
                                env=env, capture_output=True, text=True, timeout=120)
-    assert completed.returncode != 0
-    assert completed.stderr.strip() == f"--models {missing}: folder does not exist"
+    assert completed.returncode == 2
+    assert completed.stderr.strip() == f"error: --models {missing}: folder does not exist"
 
 
 def test_make_figures_grid_has_large_cells_and_a_legend_from_id2label(tmp_path, monkeypatch):
