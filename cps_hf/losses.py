@@ -7,6 +7,8 @@ Everything here works on logits at the label resolution: `(B, C, H, W)` logits a
 - `OhemCrossEntropy`: the Cityscapes supervision loss of the original code
   (`ProbOhemCrossEntropy2d`).
 - `cps_loss`: the cross pseudo supervision loss of equation 5 for one batch.
+- `cross_probability_consistency`: the cross probability consistency loss of equation 7 (the
+  Table 4 comparison, method ``cpc``).
 - `prediction_agreement`: the overlap ratio of the two networks' predictions (paper, Fig. 7).
 """
 
@@ -152,6 +154,45 @@ def cps_loss(logits_1: torch.Tensor, logits_2: torch.Tensor, ignore_index: int =
     C > ignore_index.
     """
     return cross_supervision(logits_1, logits_2, pseudo_labels(logits_1), pseudo_labels(logits_2), ignore_index)
+
+
+def cross_probability_consistency(
+    logits_1: torch.Tensor, logits_2: torch.Tensor, stop_gradient: bool = True
+) -> torch.Tensor:
+    r"""Cross probability consistency of equation 7 on one batch of images X:
+
+    .. math::
+        L_{cpc} = \frac{1}{|X|} \sum_{X} \frac{1}{W H} \sum_{i=0}^{W H}
+                  \big( \ell_2(p_{1i}, p_{2i}) + \ell_2(p_{2i}, p_{1i}) \big),
+        \qquad \ell_2(p, q) = \lVert p - q \rVert_2^2 ,
+
+    with :math:`p_{ki} = \mathrm{softmax}(\text{logits}_k)_i` (computed in float32). The squared
+    norm sums over the C classes and the mean runs over the pixels and images only, as written
+    (``F.mse_loss`` would also divide by C).
+
+    Gradients. Equation 7 is written, like equation 5, as two directed terms, "from" one network
+    "to" the other: in :math:`\ell_2(p_{1i}, p_{2i})` network 1 is pulled towards network 2's
+    probabilities, which act as the target. With ``stop_gradient=True`` (the default, used by the
+    ``cpc`` method) each target is detached, so each network is trained only by the term in which
+    it is the prediction: :math:`\partial L / \partial p_1 = 2 (p_1 - p_2)`, symmetric in the
+    two networks. The two terms are then not redundant (they train different networks), as with
+    CPS's two cross-entropies. With ``stop_gradient=False`` both terms back-propagate into both
+    networks; the value is the same (:math:`2 \lVert p_1 - p_2 \rVert^2` in both forms) but every
+    gradient is exactly twice as large, i.e. the same as the default with lambda doubled.
+    """
+    if logits_1.shape != logits_2.shape:
+        raise ValueError(
+            f"cpc loss: both networks' logits must have the same shape, got {tuple(logits_1.shape)} "
+            f"and {tuple(logits_2.shape)}"
+        )
+    if logits_1.ndim != 4:
+        raise ValueError(f"cpc loss: logits must be (B, C, H, W), got shape {tuple(logits_1.shape)}")
+    p_1 = logits_1.float().softmax(dim=1)
+    p_2 = logits_2.float().softmax(dim=1)
+    target_1, target_2 = (p_1.detach(), p_2.detach()) if stop_gradient else (p_1, p_2)
+    l2_12 = (p_1 - target_2).pow(2).sum(dim=1)  # l2(p_1i, p_2i): network 1 towards network 2
+    l2_21 = (p_2 - target_1).pow(2).sum(dim=1)  # l2(p_2i, p_1i): network 2 towards network 1
+    return (l2_12 + l2_21).mean()
 
 
 def agreement_counts(

@@ -198,7 +198,7 @@ def test_bad_inputs_are_named():
     with pytest.raises(KeyError, match="labels"):
         cps(_models(), {"labeled": {"pixel_values": torch.zeros(1, 3, 4, 4)}, "unlabeled": [{}]}, step=0)
     with pytest.raises(ValueError, match="unknown method"):
-        build_method("mean_teacher", cross_entropy, cps_weight=1.0)
+        build_method("no_such_method", cross_entropy, cps_weight=1.0)
     with pytest.raises(ValueError, match="unlabeled"):
         build_method("cps_cutmix", cross_entropy, cps_weight=1.0, cps_on_labeled=True)
 
@@ -241,3 +241,13 @@ def test_step_efficiency_benchmark_reports_a_ratio_per_method(capsys):
     ratios = summary["step_over_passes"]
     assert set(ratios) == {"cps", "cps_cutmix", "max"}
     assert ratios["max"] == max(ratios["cps"], ratios["cps_cutmix"]) > 0
+
+
+def test_every_registered_method_is_a_training_flag_choice():
+    import typing
+
+    from cps_hf.methods import METHOD_NAMES
+    from cps_hf.training_args import CPSTrainingConfig
+
+    choices = typing.get_args(typing.get_type_hints(CPSTrainingConfig)["method"])
+    assert set(choices) == set(METHOD_NAMES)

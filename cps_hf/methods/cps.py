@@ -9,6 +9,38 @@ from ..losses import cross_supervision, pseudo_labels
 from .base import Method, MethodOutput, StepLogs, logits_of, register_method
 
 
+class _KeptFractions:
+    """Stands in for the step logs in `Method.pseudo_targets`: forwards each network's kept
+    fraction (``pseudo_kept_{suffix}_k``) and remembers it, so that the mean over the networks can be
+    logged as ``pseudo_kept_{suffix}`` (both networks see the same images, so that mean is the kept
+    fraction of all pseudo-labelled pixels of the step)."""
+
+    def __init__(self, logs: StepLogs):
+        self.logs = logs
+        self.values: list[torch.Tensor] = []
+
+    def add(self, name: str, value) -> None:
+        self.logs.add(name, value)
+        self.values.append(torch.as_tensor(value).detach().float().reshape(()))
+
+    def log_mean(self, name: str) -> None:
+        if self.values:  # nothing was logged when the threshold is 0
+            self.logs.add(name, torch.stack(self.values).mean())
+
+
+def _cross_targets(method: Method, logits, predictions, logs: StepLogs, suffix: str) -> list[torch.Tensor]:
+    """Each network's pseudo labels for the other: its argmax `predictions` themselves when
+    `pseudo_label_threshold` is 0 (so the paper's CPS is untouched), otherwise with its
+    low-confidence pixels set to ignore_index and the kept fractions logged."""
+    kept = _KeptFractions(logs)
+    targets = [
+        method.pseudo_targets(lg, pred, kept, f"pseudo_kept_{suffix}_{k}")
+        for k, (lg, pred) in enumerate(zip(logits, predictions), start=1)
+    ]
+    kept.log_mean(f"pseudo_kept_{suffix}")
+    return targets
+
+
 @register_method
 class CPSMethod(Method):
     """Cross pseudo supervision as in the original code (paper eq. 4-6).
@@ -27,8 +59,19 @@ class CPSMethod(Method):
     L_cps^l + L_cps^u: the original's lambda (1.5 VOC, 6 Cityscapes) equals a paper-form lambda
     of half that. This class computes the two terms separately (logged as ``loss_cps_l`` and
     ``loss_cps_u``) and combines them with those pixel weights, which is exactly the original's
-    value without building the concatenation. ``cps_on_labeled=False`` uses L_cps^u alone (the
-    Table 4 ablation).
+    value without building the concatenation.
+
+    Table 4's rows: ``cps_on_labeled=False`` uses L_cps^u alone, ``cps_on_unlabeled=False`` uses
+    L_cps^l alone; the method then needs no unlabelled batch at all (``num_unlabeled_streams`` is 0
+    for that instance, so the loop neither loads nor forwards unlabelled images; the labelled
+    batches and the number of steps are the same as with them). Both off is refused: that is
+    ``supervised`` with a second network.
+
+    ``pseudo_label_threshold`` tau > 0 (not in the paper): each network's argmax pixels with softmax
+    confidence below tau are ignored as targets for the other network (``Method.pseudo_targets``);
+    ``pseudo_kept_u`` / ``pseudo_kept_l`` log the kept fraction (mean over the two networks, each
+    network's own as ``pseudo_kept_u_1``, ...). The agreement logs always compare the raw argmaxes.
+    tau = 0 passes the argmax itself: bit-identical to the method without the option.
 
     When lambda is 0 (supervised warm-up) the unlabelled forwards and the CPS loss are skipped,
     so the warm-up costs what supervised training costs; those steps log ``cps_weight = 0`` and
@@ -39,40 +82,55 @@ class CPSMethod(Method):
     num_models = 2
     num_unlabeled_streams = 1
 
-    def __init__(self, sup_criterion, cps_on_labeled: bool = True, **kwargs):
+    def __init__(self, sup_criterion, cps_on_labeled: bool = True, cps_on_unlabeled: bool = True, **kwargs):
+        if not cps_on_labeled and not cps_on_unlabeled:
+            raise ValueError(
+                f"method {self.name!r}: cps_on_labeled and cps_on_unlabeled cannot both be off (that leaves "
+                "no cross term: use --method supervised)"
+            )
         super().__init__(sup_criterion, **kwargs)
         self.cps_on_labeled = bool(cps_on_labeled)
+        self.cps_on_unlabeled = bool(cps_on_unlabeled)
+        if not self.cps_on_unlabeled:
+            self.num_unlabeled_streams = 0  # L_cps^l only: no unlabelled batch is loaded or forwarded
 
     def compute(self, models, batch, step, generator):
         logs = StepLogs()
-        labeled, unlabeled = batch["labeled"], batch["unlabeled"][0]
+        labeled = batch["labeled"]
         weight = self.cps_weight_at(step)
         logs.add("cps_weight", weight)
+        use_unlabeled = weight > 0 and self.cps_on_unlabeled
 
         logits_l, logits_u = [], []
         for model in models:
             logits_l.append(logits_of(model, labeled["pixel_values"]))
-            if weight > 0:
-                logits_u.append(logits_of(model, unlabeled["pixel_values"]))
+            if use_unlabeled:
+                logits_u.append(logits_of(model, batch["unlabeled"][0]["pixel_values"]))
 
         loss = self._supervised_losses(logits_l, labeled["labels"], logs)
         # One argmax per logits tensor, shared by the CPS loss and the agreement logs.
         predictions_l = [pseudo_labels(logits) for logits in logits_l]
         self._log_agreement("agreement_l", *predictions_l, logs)
         if weight > 0:
-            predictions_u = [pseudo_labels(logits) for logits in logits_u]
-            # == cps_loss(*logits_u), equation 5 on the unlabelled batch
-            loss_cps_u = cross_supervision(*logits_u, *predictions_u, self.ignore_index)
-            logs.add("loss_cps_u", loss_cps_u)
+            loss_cps_l = loss_cps_u = None
+            if use_unlabeled:
+                predictions_u = [pseudo_labels(logits) for logits in logits_u]
+                targets_u = _cross_targets(self, logits_u, predictions_u, logs, "u")
+                # == cps_loss(*logits_u) at threshold 0, equation 5 on the unlabelled batch
+                loss_cps_u = cross_supervision(*logits_u, *targets_u, self.ignore_index)
+                logs.add("loss_cps_u", loss_cps_u)
             if self.cps_on_labeled:
-                loss_cps_l = cross_supervision(*logits_l, *predictions_l, self.ignore_index)
+                targets_l = _cross_targets(self, logits_l, predictions_l, logs, "l")
+                loss_cps_l = cross_supervision(*logits_l, *targets_l, self.ignore_index)
                 logs.add("loss_cps_l", loss_cps_l)
+            if loss_cps_l is not None and loss_cps_u is not None:
                 n_l, n_u = logits_l[0][:, 0].numel(), logits_u[0][:, 0].numel()
                 loss_cps = (n_l * loss_cps_l + n_u * loss_cps_u) / (n_l + n_u)
             else:
-                loss_cps = loss_cps_u
+                loss_cps = loss_cps_u if loss_cps_u is not None else loss_cps_l
             logs.add("loss_cps", loss_cps)
-            self._log_agreement("agreement_u", *predictions_u, logs)
+            if use_unlabeled:
+                self._log_agreement("agreement_u", *predictions_u, logs)
             loss = loss + weight * loss_cps
         logs.add("loss", loss)
         return MethodOutput(loss, logs.to_floats())
@@ -94,17 +152,28 @@ class CPSCutMixMethod(Method):
     u0 and u1 come from two different unlabelled streams; the original's same-image behaviour is
     a data option, not a method option. ``agreement_u`` compares the two students on the mixed
     images. When lambda is 0 (warm-up) steps 1-2 are skipped, as in ``CPSMethod``.
+
+    ``pseudo_label_threshold`` tau > 0 ignores the pixels of y_k whose softmax confidence (of the
+    mixed teacher logits, i.e. of the source image the pixel comes from) is below tau, and logs
+    ``pseudo_kept_u`` (see ``CPSMethod``); tau = 0 is bit-identical to the method without it.
+    ``cps_on_unlabeled=False`` is refused (no cross term would be left).
     """
 
     name = "cps_cutmix"
     num_models = 2
     num_unlabeled_streams = 2
 
-    def __init__(self, sup_criterion, cps_on_labeled: bool | None = None, **kwargs):
+    def __init__(self, sup_criterion, cps_on_labeled: bool | None = None, cps_on_unlabeled: bool | None = None,
+                 **kwargs):
         if cps_on_labeled:
             raise ValueError(
                 "method 'cps_cutmix' applies CPS to the unlabeled (CutMixed) images only, as the original; "
                 "cps_on_labeled=True is not supported for it"
+            )
+        if cps_on_unlabeled is False:
+            raise ValueError(
+                "method 'cps_cutmix' applies CPS to the unlabeled (CutMixed) images; cps_on_unlabeled=False "
+                "would leave no cross term (use --method supervised, or --method cps with --cps_on_unlabeled false)"
             )
         super().__init__(sup_criterion, **kwargs)
 
@@ -126,10 +195,12 @@ class CPSCutMixMethod(Method):
             batch_size, _, height, width = u0.shape
             mask = box_mask(batch_size, height, width, generator=generator, device=u0.device)
             with torch.no_grad():
-                targets = []
-                for model in models:
+                targets, kept = [], _KeptFractions(logs)
+                for k, model in enumerate(models, start=1):
                     mixed_logits = mix(logits_of(model, u0), logits_of(model, u1), mask)
-                    targets.append(pseudo_labels(mixed_logits))
+                    targets.append(self.pseudo_targets(mixed_logits, pseudo_labels(mixed_logits), kept,
+                                                       f"pseudo_kept_u_{k}"))
+                kept.log_mean("pseudo_kept_u")
             mixed_images = mix(u0, u1, mask.to(u0.dtype))
             student_logits = [logits_of(model, mixed_images) for model in models]
             loss_cps = cross_supervision(*student_logits, *targets, self.ignore_index)

@@ -1,0 +1,458 @@
+"""Mean teacher and its CutMix form (cps_hf/methods/mean_teacher.py): the loss against its equation on
+tiny conv networks, the EMA teacher, and end-to-end runs of scripts/train_cps.py (export, resume, DDP)."""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cps_hf.cutmix import box_mask
+from cps_hf.losses import cross_entropy
+from cps_hf.methods import MeanTeacherCutMixMethod, MeanTeacherMethod, build_method
+
+NUM_CLASSES = 4
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "train_cps.py"
+
+
+class TinySegmenter(nn.Module):
+    """conv-BN-ReLU-conv at full resolution; records each call (batch size, grad mode, input)."""
+
+    def __init__(self, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, NUM_CLASSES, 1)
+        )
+        self.calls = []
+
+    def forward(self, pixel_values):
+        self.calls.append(SimpleNamespace(batch=pixel_values.shape[0], grad=torch.is_grad_enabled(), x=pixel_values))
+        return SimpleNamespace(logits=self.body(pixel_values))
+
+
+def _logits(model, x):
+    return model.body(x)  # bypasses the call log; BN in train mode uses batch statistics only
+
+
+def _batch(num_unlabeled_streams, labeled=2, unlabeled=2, size=12):
+    g = torch.Generator().manual_seed(123)
+    labels = torch.randint(0, NUM_CLASSES, (labeled, size, size), generator=g)
+    labels[:, 0] = 255
+    return {
+        "labeled": {"pixel_values": torch.randn(labeled, 3, size, size, generator=g), "labels": labels},
+        "unlabeled": [
+            {"pixel_values": 2 * torch.randn(unlabeled, 3, size, size, generator=g)}
+            for _ in range(num_unlabeled_streams)
+        ],
+    }
+
+
+def _pair(method):
+    """A student and a teacher that starts as its copy (the loop's init_networks call)."""
+    student, teacher = TinySegmenter(0).train(), TinySegmenter(1).train()
+    method.init_networks([student, teacher])
+    return student, teacher
+
+
+def _perturb(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.add_(0.3 * torch.randn(tensor.shape, generator=g))
+        model.body[1].running_var.abs_()
+        model.body[1].num_batches_tracked.fill_(seed)
+
+
+def _mt_probability(student_logits, teacher_logits, mask=None):
+    per_pixel = ((student_logits.softmax(1) - teacher_logits.softmax(1)) ** 2).sum(1)
+    if mask is not None:
+        per_pixel = per_pixel * mask
+    return per_pixel.mean()
+
+
+# ---- the teacher ------------------------------------------------------------------------------
+
+
+def test_contract_and_names():
+    method = build_method("mean_teacher", cross_entropy, cps_weight=1.0, ema_decay=0.9, cps_on_labeled=None,
+                          cps_on_unlabeled=None, num_networks=3, ncps_average=False, generator_seed=0)
+    assert isinstance(method, MeanTeacherMethod) and method.ema_decay == 0.9
+    assert (method.num_models, method.trained_count, method.num_unlabeled_streams) == (2, 1, 1)
+    assert method.names() == ("student", "teacher") and method.export_index() == 0
+    assert method.export_index("teacher") == 1
+    cutmix = build_method("mean_teacher_cutmix", cross_entropy, cps_weight=1.0)
+    assert isinstance(cutmix, MeanTeacherCutMixMethod) and cutmix.num_unlabeled_streams == 2
+    assert cutmix.ema_decay == 0.99 and cutmix.student_noise_std == 0.0 and method.student_noise_std == 0.1
+    with pytest.raises(ValueError, match="unlabeled images only"):
+        build_method("mean_teacher", cross_entropy, cps_on_labeled=True)
+    with pytest.raises(ValueError, match="cps_on_unlabeled=False"):
+        build_method("mean_teacher_cutmix", cross_entropy, cps_on_unlabeled=False)
+    with pytest.raises(ValueError, match="consistency"):
+        MeanTeacherMethod(cross_entropy, consistency="mse")
+
+
+def test_init_networks_copies_the_student_parameters_and_buffers():
+    method = build_method("mean_teacher", cross_entropy)
+    student, teacher = TinySegmenter(0), TinySegmenter(1)
+    _perturb(student, 5)  # non-default running statistics and count
+    method.init_networks([student, teacher])
+    s, t = student.state_dict(), teacher.state_dict()
+    assert s.keys() == t.keys() and all(torch.equal(s[k], t[k]) for k in s)
+    assert t["body.1.num_batches_tracked"].item() == 5
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(student.parameters(), teacher.parameters()))
+
+
+def test_ema_update_is_decay_teacher_plus_one_minus_decay_student():
+    decay = 0.9
+    method = build_method("mean_teacher", cross_entropy, ema_decay=decay)
+    student, teacher = TinySegmenter(0), TinySegmenter(1)
+    _perturb(student, 1)
+    _perturb(teacher, 2)
+    before_s = {k: v.clone() for k, v in student.state_dict().items()}
+    before_t = {k: v.clone() for k, v in teacher.state_dict().items()}
+    method.after_optimizer_step([student, teacher], step=0)
+    after_t = teacher.state_dict()
+    for key, value in before_t.items():
+        if value.is_floating_point():  # parameters and BN running_mean / running_var
+            assert torch.allclose(after_t[key], decay * value + (1 - decay) * before_s[key], atol=1e-7), key
+        else:  # num_batches_tracked: copied
+            assert torch.equal(after_t[key], before_s[key])
+    assert all(torch.equal(v, before_s[k]) for k, v in student.state_dict().items())  # the student is untouched
+    # one concrete number: 0.9 * t + 0.1 * s
+    t0, s0 = before_t["body.0.weight"].flatten()[0].item(), before_s["body.0.weight"].flatten()[0].item()
+    assert after_t["body.0.weight"].flatten()[0].item() == pytest.approx(0.9 * t0 + 0.1 * s0, abs=1e-6)
+
+
+# ---- the loss ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("consistency", ["probability", "pseudo_label"])
+def test_loss_equals_its_equation(consistency):
+    method = MeanTeacherMethod(cross_entropy, cps_weight=1.5, consistency=consistency, student_noise_std=0.0)
+    student, teacher = _pair(method)
+    _perturb(teacher, 3)  # a teacher that differs from the student, as after some EMA steps
+    batch = _batch(1)
+    out = method([student, teacher], batch, step=0)
+
+    x_l, y, u = batch["labeled"]["pixel_values"], batch["labeled"]["labels"], batch["unlabeled"][0]["pixel_values"]
+    sup = F.cross_entropy(_logits(student, x_l), y, ignore_index=255)
+    s_u, t_u = _logits(student, u), _logits(teacher, u).detach()
+    if consistency == "probability":
+        mt = _mt_probability(s_u, t_u)
+    else:
+        mt = F.cross_entropy(s_u, t_u.argmax(1))
+    assert torch.allclose(out.loss, sup + 1.5 * mt, atol=1e-6)
+    agreement = (s_u.argmax(1) == t_u.argmax(1)).float().mean().item()
+    assert out.logs["loss_sup"] == pytest.approx(sup.item(), rel=1e-5)
+    assert out.logs["loss_mt"] == pytest.approx(mt.item(), rel=1e-5)
+    assert out.logs["loss"] == pytest.approx(out.loss.item(), rel=1e-6)
+    assert out.logs["cps_weight"] == 1.5 and out.logs["agreement_u"] == pytest.approx(agreement)
+    assert "agreement_u_fg" in out.logs and "pseudo_kept_u" not in out.logs
+    # forwards: student labeled (grad), teacher unlabeled (no grad), student unlabeled (grad)
+    assert [c.grad for c in student.calls] == [True, True] and [c.grad for c in teacher.calls] == [False]
+
+
+@pytest.mark.parametrize("consistency", ["probability", "pseudo_label"])
+def test_threshold_masks_unconfident_teacher_pixels(consistency):
+    threshold = 0.5
+    method = MeanTeacherMethod(cross_entropy, cps_weight=1.0, consistency=consistency, student_noise_std=0.0,
+                               pseudo_label_threshold=threshold)
+    student, teacher = _pair(method)
+    _perturb(teacher, 3)
+    batch = _batch(1)
+    out = method([student, teacher], batch, step=0)
+
+    u = batch["unlabeled"][0]["pixel_values"]
+    s_u, t_u = _logits(student, u), _logits(teacher, u).detach()
+    confident = t_u.softmax(1).amax(1) >= threshold
+    assert 0 < confident.float().mean() < 1  # the test exercises both sides of the threshold
+    if consistency == "probability":
+        mt = _mt_probability(s_u, t_u, confident.float())  # masked pixels count as zeros (French's mean)
+        assert mt < _mt_probability(s_u, t_u)
+    else:
+        mt = F.cross_entropy(s_u, t_u.argmax(1).masked_fill(~confident, 255), ignore_index=255)
+    sup = F.cross_entropy(_logits(student, batch["labeled"]["pixel_values"]), batch["labeled"]["labels"],
+                          ignore_index=255)
+    assert out.logs["loss_mt"] == pytest.approx(mt.item(), rel=1e-5)
+    assert torch.allclose(out.loss, sup + mt, atol=1e-6)
+    assert out.logs["pseudo_kept_u"] == pytest.approx(confident.float().mean().item())
+
+
+def test_no_gradient_reaches_the_teacher():
+    method = build_method("mean_teacher", cross_entropy, cps_weight=1.0)
+    student, teacher = _pair(method)  # teacher parameters still require grad: only no_grad protects them
+    out = method([student, teacher], _batch(1), step=0)
+    out.loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    cutmix = build_method("mean_teacher_cutmix", cross_entropy, cps_weight=1.0)
+    student, teacher = _pair(cutmix)
+    cutmix([student, teacher], _batch(2), step=0).loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(not c.grad for c in teacher.calls) and len(teacher.calls) == 2
+
+
+def test_student_view_is_the_teachers_plus_seeded_noise():
+    method = build_method("mean_teacher", cross_entropy, cps_weight=1.0, generator_seed=7)
+    batch = _batch(1)
+    u = batch["unlabeled"][0]["pixel_values"]
+
+    def student_input(step, rank=0, micro_step=0):
+        student, teacher = _pair(method)
+        method([student, teacher], batch, step=step, rank=rank, micro_step=micro_step)
+        assert torch.equal(teacher.calls[0].x, u)  # the teacher sees the stream's view itself
+        return student.calls[1].x
+
+    x1 = student_input(3)
+    noise = (x1 - u) / method.student_noise_std
+    assert noise.std().item() == pytest.approx(1.0, abs=0.1) and noise.mean().abs() < 0.1
+    assert torch.equal(student_input(3), x1)  # (seed, step, rank, micro_step) decide the noise
+    assert not torch.allclose(student_input(4), x1)
+    assert not torch.allclose(student_input(3, rank=1), x1)
+    assert not torch.allclose(student_input(3, micro_step=1), x1)
+
+
+def test_warmup_skips_the_teacher():
+    method = build_method("mean_teacher", cross_entropy, cps_weight=1.0, supervised_warmup_steps=2)
+    student, teacher = _pair(method)
+    out = method([student, teacher], _batch(1), step=1)
+    assert teacher.calls == [] and len(student.calls) == 1
+    assert out.logs["cps_weight"] == 0.0 and "loss_mt" not in out.logs
+    assert out.logs["loss"] == pytest.approx(out.logs["loss_sup"])
+
+
+@pytest.mark.parametrize("consistency", ["probability", "pseudo_label"])
+def test_cutmix_loss_equals_its_equation(consistency):
+    method = MeanTeacherCutMixMethod(cross_entropy, cps_weight=2.0, consistency=consistency, generator_seed=3)
+    student, teacher = _pair(method)
+    _perturb(teacher, 4)
+    batch = _batch(2)
+    out = method([student, teacher], batch, step=5, rank=1, micro_step=0)
+
+    u0, u1 = batch["unlabeled"][0]["pixel_values"], batch["unlabeled"][1]["pixel_values"]
+    mask = box_mask(2, 12, 12, generator=method.generator(5, 1, 0))
+    assert 0 < mask.mean() < 1
+    teacher_mixed = _logits(teacher, u0) * (1 - mask) + _logits(teacher, u1) * mask
+    mixed = u0 * (1 - mask) + u1 * mask
+    assert torch.equal(student.calls[1].x, mixed)  # the student sees the mixed images, no noise
+    s_mixed = _logits(student, mixed)
+    if consistency == "probability":
+        mt = _mt_probability(s_mixed, teacher_mixed.detach())
+    else:
+        mt = F.cross_entropy(s_mixed, teacher_mixed.argmax(1))
+    sup = F.cross_entropy(_logits(student, batch["labeled"]["pixel_values"]), batch["labeled"]["labels"],
+                          ignore_index=255)
+    assert torch.allclose(out.loss, sup + 2.0 * mt, atol=1e-6)
+    assert out.logs["loss_mt"] == pytest.approx(mt.item(), rel=1e-5)
+    agreement = (s_mixed.argmax(1) == teacher_mixed.argmax(1)).float().mean().item()
+    assert out.logs["agreement_u"] == pytest.approx(agreement)
+
+
+# ---- end to end through scripts/train_cps.py ----------------------------------------------------
+
+
+def _load_train_module():
+    spec = importlib.util.spec_from_file_location("train_cps_mean_teacher", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train_cps = _load_train_module()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    from cps_hf.data import make_demo_voc
+
+    root = tmp_path_factory.mktemp("demo")
+    make_demo_voc(root, num_train=40, num_val=6, size=(40, 52), seed=0)
+    return root
+
+
+def tiny_args(demo_root, output_dir, *extra):
+    return [
+        "--dataset", "voc", "--data_root", str(demo_root), "--labeled", "8", "--backbone", "mobilenetv3_small_100",
+        "--pretrained_backbone", "none", "--crop_size", "32", "--scales", "0.75", "1.0",
+        "--per_device_train_batch_size", "2", "--aspp_channels", "16", "--decoder_channels", "16",
+        "--low_level_channels", "8", "--learning_rate", "0.01", "--num_workers", "0", "--report_to", "none",
+        "--logging_steps", "1", "--output_dir", str(output_dir), *extra,
+    ]
+
+
+def _read_log(output_dir):
+    return [json.loads(line) for line in (Path(output_dir) / "log.jsonl").read_text().splitlines()]
+
+
+def _card_row(folder):
+    return next(line for line in (Path(folder) / "README.md").read_text().splitlines()
+                if line.startswith("| Exported network |"))
+
+
+def _teacher_file(step_dir):
+    """Where a checkpoint keeps the teacher: accelerate custom state (streams, progress, teacher)."""
+    found = []
+    for path in sorted(Path(step_dir).glob("custom_checkpoint_*.pkl")):
+        state = torch.load(path, weights_only=False)
+        if isinstance(state, dict) and any(str(k).endswith("num_batches_tracked") for k in state):
+            found.append(path)
+    assert len(found) == 1, f"expected one network state among {step_dir}'s custom checkpoints, found {found}"
+    return found[0]
+
+
+def _follower_state(step_dir):
+    return torch.load(_teacher_file(step_dir), weights_only=False)
+
+
+@pytest.mark.parametrize("method", ["mean_teacher", "mean_teacher_cutmix"])
+def test_tiny_run_trains_and_exports_the_student(demo_root, tmp_path, method):
+    from safetensors.torch import load_file
+    from transformers import pipeline
+    from PIL import Image
+
+    out = tmp_path / method
+    results = train_cps.main(tiny_args(demo_root, out, "--method", method, "--max_train_steps", "3",
+                                       "--checkpointing_steps", "3"))
+    assert results["final_step"] == 3 and 0.0 <= results["eval_mean_iou"] <= 1.0
+    steps = [r for r in _read_log(out) if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for record in steps:
+        for key in ("loss", "loss_sup", "loss_mt", "cps_weight", "agreement_u"):
+            assert key in record, key
+        assert "loss_sup_2" not in record  # one supervised network
+        assert record["loss"] == pytest.approx(record["loss_sup"] + record["cps_weight"] * record["loss_mt"], rel=1e-5)
+    assert "student (network 1 of 2)" in _card_row(out / "model")
+
+    # The checkpoint holds the trained student (model.safetensors) and the teacher (custom state),
+    # and after 3 EMA steps they differ; model/ is the student.
+    step_dir = out / "step_3"
+    student = load_file(step_dir / "model.safetensors")
+    teacher = _follower_state(step_dir)
+    exported = load_file(out / "model" / "model.safetensors")
+    assert exported.keys() == student.keys()
+    assert all(torch.equal(exported[k], student[k]) for k in student)
+    assert any(not torch.equal(teacher[k], student[k]) for k in student if k.endswith("weight"))
+
+    segmenter = pipeline("image-segmentation", model=str(out / "model"), subtask="semantic")
+    image = Image.new("RGB", (45, 33), (120, 30, 200))
+    assert segmenter(image)
+
+
+def test_export_network_teacher_exports_the_teacher(demo_root, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "teacher"
+    train_cps.main(tiny_args(demo_root, out, "--method", "mean_teacher", "--max_train_steps", "2",
+                             "--checkpointing_steps", "2", "--export_network", "teacher"))
+    assert "teacher (network 2 of 2)" in _card_row(out / "model")
+    exported = load_file(out / "model" / "model.safetensors")
+    teacher = _follower_state(out / "step_2")
+    student = load_file(out / "step_2" / "model.safetensors")
+    assert exported.keys() == student.keys()
+    assert all(torch.equal(exported[k], teacher[k].cpu()) for k in exported)
+    assert not all(torch.equal(exported[k], student[k]) for k in exported)
+
+
+@pytest.mark.parametrize("method", ["mean_teacher", "mean_teacher_cutmix"])
+def test_resume_mid_run_matches_an_uninterrupted_run(demo_root, tmp_path, monkeypatch, method):
+    """Run 4 steps (checkpoint at 2), then drop what came after step 2 and resume: at step 4 the
+    student and the teacher (exported here, and in the fingerprint of every network) equal those of
+    the uninterrupted run, bit for bit."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    common = ("--method", method, "--max_train_steps", "4", "--checkpointing_steps", "2",
+              "--export_network", "teacher")
+    out = tmp_path / "run"
+    straight = train_cps.main(tiny_args(demo_root, out, *common))
+    straight_teacher = load_file(out / "model" / "model.safetensors")
+    assert (out / "step_2" / "checkpoint_complete.json").is_file()
+    shutil.rmtree(out / "step_4")
+    shutil.rmtree(out / "model")
+    resumed = train_cps.main(tiny_args(demo_root, out, *common, "--resume_from_checkpoint", "latest"))
+    assert resumed["final_step"] == 4
+    assert resumed["parameter_fingerprint"] == straight["parameter_fingerprint"]
+    assert [r["step"] for r in _read_log(out) if "loss" in r] == [1, 2, 3, 4]
+    resumed_teacher = load_file(out / "model" / "model.safetensors")
+    assert straight_teacher.keys() == resumed_teacher.keys()
+    assert all(torch.equal(straight_teacher[k], resumed_teacher[k]) for k in straight_teacher)
+
+
+def test_resume_without_the_teacher_state_would_differ(demo_root, tmp_path, monkeypatch):
+    """The check above has teeth: resuming with the saved teacher replaced by the student differs."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    common = ("--method", "mean_teacher", "--max_train_steps", "3", "--checkpointing_steps", "2")
+    out = tmp_path / "run"
+    straight = train_cps.main(tiny_args(demo_root, out, *common))
+    shutil.rmtree(out / "model")
+    step_dir = out / "step_2"
+    student = load_file(step_dir / "model.safetensors")
+    teacher_file = _teacher_file(step_dir)
+    state = torch.load(teacher_file, weights_only=False)
+    assert state.keys() == student.keys()
+    torch.save({k: student[k].clone() for k in state}, teacher_file)
+    resumed = train_cps.main(tiny_args(demo_root, out, *common, "--resume_from_checkpoint", "latest"))
+    assert resumed["final_step"] == 3
+    assert resumed["parameter_fingerprint"] != straight["parameter_fingerprint"]
+
+
+def test_teacher_follows_once_per_optimizer_update_with_accumulation_and_bf16(demo_root, tmp_path, monkeypatch):
+    """Two micro-batches per update, bf16 autocast: one EMA update per optimizer step, not per micro-batch."""
+    calls = []
+    original = MeanTeacherMethod.after_optimizer_step
+
+    def spy(self, networks, step):
+        calls.append(step)
+        assert len(networks) == 2 and not isinstance(networks[0], torch.nn.parallel.DistributedDataParallel)
+        return original(self, networks, step)
+
+    monkeypatch.setattr(MeanTeacherMethod, "after_optimizer_step", spy)
+    out = tmp_path / "accumulate"
+    results = train_cps.main(tiny_args(demo_root, out, "--method", "mean_teacher_cutmix", "--max_train_steps", "2",
+                                       "--gradient_accumulation_steps", "2", "--mixed_precision", "bf16"))
+    assert results["final_step"] == 2 and calls == [0, 1]
+    records = [r for r in _read_log(out) if "loss" in r]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(torch.isfinite(torch.tensor([r["loss"], r["loss_mt"]])).all() for r in records)
+
+
+def test_two_cpu_processes_stay_in_sync(demo_root, tmp_path):
+    """mean_teacher_cutmix under `accelerate launch --multi_gpu --num_processes 2` on CPU (gloo): the
+    script checks that every rank ends with the same fingerprint (student and teacher)."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT),
+               *tiny_args(demo_root, out, "--method", "mean_teacher_cutmix", "--max_train_steps", "3")]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    rank_lines = [line for line in completed.stderr.splitlines() if line.startswith("[rank")]
+    assert completed.returncode == 0, "\n".join(rank_lines[-60:]) or completed.stderr[-3000:]
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["num_processes"] == 2 and results["final_step"] == 3
+    assert [r["step"] for r in _read_log(out) if "loss" in r] == [1, 2, 3]
+    assert "student (network 1 of 2)" in _card_row(out / "model")
