@@ -8,9 +8,9 @@ classes, so `AutoModelForSemanticSegmentation.from_pretrained(dir)` and
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForSemanticSegmentation, AutoVideoProcessor
 from transformers.models.auto import modeling_auto
 
-from .configuration_cps import CPSConfig
+from .configuration_cps import CPSConfig, CPSEnsembleConfig
 from .image_processing_cps import CPSImageProcessor
-from .modeling_cps import CPSForSemanticSegmentation, CPSPreTrainedModel
+from .modeling_cps import CPSEnsembleForSemanticSegmentation, CPSForSemanticSegmentation, CPSPreTrainedModel
 
 __version__ = "0.1.0"
 
@@ -26,16 +26,22 @@ def _register_auto_classes() -> None:
     - the semantic-segmentation names table: the image-segmentation pipeline checks the model class
       against a merged copy of these tables that loses registered models, and logs "not supported".
       Entries whose model type has no built-in config are invisible to the Auto classes themselves.
+    The ensemble of a run's networks (`CPSEnsembleConfig`, its own model type) gets the same entries:
+    the Auto classes map one config class to one model class, so single-network exports keep
+    loading as `CPSForSemanticSegmentation` and ensemble exports as `CPSEnsembleForSemanticSegmentation`.
     """
-    AutoConfig.register(CPSConfig.model_type, CPSConfig, exist_ok=True)
-    AutoModelForSemanticSegmentation.register(CPSConfig, CPSForSemanticSegmentation, exist_ok=True)
-    AutoImageProcessor.register(CPSConfig, image_processor_classes={"torchvision": CPSImageProcessor}, exist_ok=True)
-    AutoVideoProcessor.register(CPSConfig, video_processor_classes={}, exist_ok=True)
-    modeling_auto.MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES.setdefault(
-        CPSConfig.model_type, CPSForSemanticSegmentation.__name__
-    )
+    for config_class, model_class in ((CPSConfig, CPSForSemanticSegmentation),
+                                      (CPSEnsembleConfig, CPSEnsembleForSemanticSegmentation)):
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        AutoModelForSemanticSegmentation.register(config_class, model_class, exist_ok=True)
+        AutoImageProcessor.register(config_class, image_processor_classes={"torchvision": CPSImageProcessor},
+                                    exist_ok=True)
+        AutoVideoProcessor.register(config_class, video_processor_classes={}, exist_ok=True)
+        modeling_auto.MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES.setdefault(config_class.model_type,
+                                                                                model_class.__name__)
 
 
 _register_auto_classes()
 
-__all__ = ["CPSConfig", "CPSForSemanticSegmentation", "CPSPreTrainedModel", "CPSImageProcessor", "__version__"]
+__all__ = ["CPSConfig", "CPSEnsembleConfig", "CPSForSemanticSegmentation", "CPSEnsembleForSemanticSegmentation",
+           "CPSPreTrainedModel", "CPSImageProcessor", "__version__"]

@@ -103,4 +103,52 @@ class CPSConfig(PreTrainedConfig):
             raise ValueError(f"{where}: mode 'slide' needs a crop_size and a stride, got {protocol}")
 
 
-__all__ = ["CPSConfig"]
+@strict
+class CPSEnsembleConfig(CPSConfig):
+    r"""
+    All networks of one CPS run (2 for CPS, N for n-CPS, student and teacher for mean teacher) as one
+    model: `CPSEnsembleForSemanticSegmentation` averages their softmax probabilities. Every network has
+    the architecture the inherited `CPSConfig` fields describe; a single-network export (`CPSConfig`,
+    model type `cps_deeplabv3plus`) is unaffected by this class.
+
+    ensemble_size (`int`, defaults to 2):
+        How many networks the model holds (`networks.0`, `networks.1`, ... in its state dict).
+    network_names (`list[str]`, *optional*):
+        The run's names of the networks, in order (e.g. `["network_1", "network_2"]` or
+        `["student", "teacher"]`); provenance for model cards and logs only.
+    """
+
+    model_type = "cps_deeplabv3plus_ensemble"
+
+    ensemble_size: int = 2
+    network_names: list[str] | tuple[str, ...] | None = None
+
+    def validate_ensemble(self):
+        if isinstance(self.ensemble_size, bool) or self.ensemble_size < 1:
+            raise ValueError(f"CPSEnsembleConfig.ensemble_size must be a positive integer, got {self.ensemble_size!r}")
+        if self.network_names is not None and len(self.network_names) != self.ensemble_size:
+            raise ValueError(
+                f"CPSEnsembleConfig.network_names has {len(self.network_names)} names for "
+                f"ensemble_size={self.ensemble_size}"
+            )
+
+    def network_config(self) -> CPSConfig:
+        """The `CPSConfig` of one member network: every field but the ensemble's own."""
+        values = self.to_dict()
+        for key in ("ensemble_size", "network_names", "model_type", "architectures", "auto_map",
+                    "transformers_version"):
+            values.pop(key, None)
+        return CPSConfig.from_dict(values)
+
+    @classmethod
+    def from_network_config(cls, config: CPSConfig, ensemble_size: int,
+                            network_names: list[str] | None = None) -> "CPSEnsembleConfig":
+        """The ensemble of `ensemble_size` networks that `config` describes."""
+        values = config.to_dict()
+        for key in ("model_type", "architectures", "auto_map", "transformers_version"):
+            values.pop(key, None)
+        names = None if network_names is None else list(network_names)
+        return cls.from_dict({**values, "ensemble_size": int(ensemble_size), "network_names": names})
+
+
+__all__ = ["CPSConfig", "CPSEnsembleConfig"]

@@ -7,6 +7,8 @@ The exported folder is what `from_pretrained` and `pipeline("image-segmentation"
 nothing else: `config.json`, `model.safetensors`, `preprocessor_config.json` and `README.md`, plus
 (by default) the three source files that let `trust_remote_code=True` load the model where cps_hf
 is not installed. Pickle-based weights (`*.bin`, `*.pt`, ...) are never written and never pushed.
+`export_ensemble` writes the same files for all of a run's networks as one
+`CPSEnsembleForSemanticSegmentation` (softmax mean), beside the single-network export.
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ from typing import Any
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
 from transformers import PreTrainedModel
 
-from .configuration_cps import CPSConfig
+from .configuration_cps import CPSConfig, CPSEnsembleConfig
 from .image_processing_cps import CPSImageProcessor
 from .inference import describe_protocol, model_eval_protocol
-from .modeling_cps import CPSForSemanticSegmentation
+from .modeling_cps import CPSEnsembleForSemanticSegmentation, CPSForSemanticSegmentation, _bare_network
 
 # ---------------------------------------------------------------------------------------------
 # What an exported folder holds
@@ -189,6 +191,16 @@ def _card_body(
     exported_network: str | None = None,
 ) -> str:
     model_ref = repo_id or "path/to/exported-model"
+    ensemble_size = getattr(config, "ensemble_size", None)  # a CPSEnsembleConfig: all the run's networks
+    if ensemble_size is None:
+        holds = ("This repository holds one of the two networks; either can be used at inference.")
+        ensemble_rows = []
+    else:
+        names = list(getattr(config, "network_names", None) or [f"network_{k}" for k in range(1, ensemble_size + 1)])
+        holds = (f"This repository holds all {ensemble_size} networks of the run ({', '.join(names)}) as one "
+                 "model that averages their softmax probabilities: its `logits` are the log of that mean, so "
+                 "the pipeline's argmax is the ensemble's prediction. (The paper evaluates network 1 alone.)")
+        ensemble_rows = [f"| Networks | ensemble of {ensemble_size} (softmax mean): {_cell(', '.join(names))} |"]
     protocol_text = protocol or "fully supervised (all labels)"
     stride = config.output_stride if config.output_stride is not None else "backbone default"
     lines = [
@@ -200,7 +212,7 @@ def _card_body(
         "Cross Pseudo Supervision (CPS, Chen et al., CVPR 2021) trains two segmentation networks of the same "
         "architecture from different initialisations; each network's one-hot prediction (pseudo label) on "
         "unlabeled images supervises the other with cross-entropy, on top of the usual supervised loss on "
-        "labeled images. This repository holds one of the two networks; either can be used at inference.",
+        f"labeled images. {holds}",
         "",
         "## Model details",
         "",
@@ -216,6 +228,7 @@ def _card_body(
         f"| ASPP rates | {', '.join(str(rate) for rate in config.aspp_rates)} |",
         f"| Classes | {config.num_labels} |",
         *([f"| Exported network | {_cell(exported_network)} |"] if exported_network else []),
+        *ensemble_rows,
         *_eval_protocol_rows(config),
         "",
     ]
@@ -409,6 +422,39 @@ def export_model(
     return output_dir
 
 
+def export_ensemble(
+    networks,
+    output_dir: str | os.PathLike,
+    *,
+    network_names: list[str] | None = None,
+    image_processor: CPSImageProcessor | None = None,
+    card: ModelCard | None = None,
+    remote_code: bool = True,
+    **card_kwargs,
+) -> Path:
+    """Write all of a run's networks as one pipeline-ready `CPSEnsembleForSemanticSegmentation` folder.
+
+    `networks` are trained `CPSForSemanticSegmentation` networks of one architecture (DDP/compile
+    wrappers are unwrapped; the weights are copied on the CPU, the networks are left untouched);
+    `network_names` their names in the run (recorded in the config and the card). The folder holds
+    the same files as `export_model`'s (the weights as `networks.<k>.*` in one `model.safetensors`)
+    and `pipeline("image-segmentation", model=folder)` returns the argmax of the networks' mean
+    softmax; with `remote_code`, `trust_remote_code=True` loads it without cps_hf. Give a ready
+    `card` or `build_model_card`'s keywords, whose `results` should be the ensemble's own scores
+    (`evaluate_model(networks, ..., average="softmax")`): the card is written for an ensemble.
+    """
+    networks = list(networks)
+    if not networks:
+        raise ValueError("export_ensemble needs at least one network")
+    for network in networks:
+        bare = _bare_network(network)
+        if not isinstance(bare, CPSForSemanticSegmentation):
+            raise TypeError(f"export_ensemble needs CPSForSemanticSegmentation networks, got {type(bare).__name__}")
+    ensemble = CPSEnsembleForSemanticSegmentation.from_networks(networks, network_names).eval()
+    return export_model(ensemble, output_dir, image_processor=image_processor, card=card, remote_code=remote_code,
+                        **card_kwargs)
+
+
 _MISSING = object()  # "the object had no auto_map of its own"
 
 
@@ -418,6 +464,7 @@ def _auto_classes_registered(enabled: bool, *saved_objects):
     registered for an Auto class, and it leaves `auto_map` on the saved config and processor.
     Register for this export alone, then restore both (a later plain save stays plain)."""
     classes = {CPSConfig: "AutoConfig", CPSForSemanticSegmentation: "AutoModelForSemanticSegmentation",
+               CPSEnsembleConfig: "AutoConfig", CPSEnsembleForSemanticSegmentation: "AutoModelForSemanticSegmentation",
                CPSImageProcessor: "AutoImageProcessor"}
     registered = {cls: cls.__dict__.get("_auto_class", None) for cls in classes}
     auto_maps = [(obj, obj.__dict__.get("auto_map", _MISSING)) for obj in saved_objects]
@@ -492,4 +539,4 @@ def push_model(
     )
 
 
-__all__ = ["build_model_card", "export_model", "push_model", "PAPER_BIBTEX"]
+__all__ = ["build_model_card", "export_model", "export_ensemble", "push_model", "PAPER_BIBTEX"]

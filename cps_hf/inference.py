@@ -13,7 +13,10 @@ What the original CPS code does (TorchSemiSeg's evaluator), and what is kept her
   back and added, the logits of every scale are resized to the input size and summed. Here sums
   become means (same argmax for flips; equal scale weights as above).
 - Branches: the original evaluates branch 1 only. Passing a list of models averages their
-  *logits* (the original's convention everywhere else: it never applies softmax before summing).
+  *logits* (the original's convention everywhere else: it never applies softmax before summing);
+  `average="softmax"` averages their softmax probabilities instead (an ensemble of a run's
+  networks) and returns the log of that mean as the logits of each forward pass, exactly what an
+  exported `CPSEnsembleForSemanticSegmentation` computes, so both score the same.
 
 Models are called as `model(pixel_values=x)` and must return `.logits` (or a tensor / tuple whose
 first item is the logits) of shape (B, C, h, w); logits smaller than the input (e.g. SegFormer's
@@ -63,11 +66,26 @@ def _logits_of(model: ModelLike, pixel_values: torch.Tensor) -> torch.Tensor:
     return _resize(logits.float(), tuple(pixel_values.shape[-2:]))
 
 
-def _forward(models: Sequence[ModelLike], pixel_values: torch.Tensor, flip: bool) -> torch.Tensor:
-    """Mean logits over branches, and over the flipped input when `flip`."""
-    logits = sum(_logits_of(model, pixel_values) for model in models) / len(models)
+AVERAGES = ("logits", "softmax")
+
+
+def _combine(models: Sequence[ModelLike], pixel_values: torch.Tensor, average: str) -> torch.Tensor:
+    """The models' mean logits, or (`average="softmax"`) the log of their mean softmax probabilities."""
+    if average == "logits":
+        return sum(_logits_of(model, pixel_values) for model in models) / len(models)
+    combined = None
+    for model in models:
+        log_probs = F.log_softmax(_logits_of(model, pixel_values), dim=1)
+        combined = log_probs if combined is None else torch.logaddexp(combined, log_probs)
+    return combined - math.log(len(models))
+
+
+def _forward(models: Sequence[ModelLike], pixel_values: torch.Tensor, flip: bool,
+             average: str = "logits") -> torch.Tensor:
+    """Mean logits over branches (or log mean softmax, `average="softmax"`), and over the flipped input when `flip`."""
+    logits = _combine(models, pixel_values, average)
     if flip:
-        flipped = sum(_logits_of(model, pixel_values.flip(-1)) for model in models) / len(models)
+        flipped = _combine(models, pixel_values.flip(-1), average)
         logits = (logits + flipped.flip(-1)) / 2
     return logits
 
@@ -94,21 +112,21 @@ def _window_starts(length: int, crop: int, stride: int) -> list[int]:
     return sorted({min(index * stride, length - crop) for index in range(count)})
 
 
-def _predict_whole(models, pixel_values, crop_size, flip) -> torch.Tensor:
+def _predict_whole(models, pixel_values, crop_size, flip, average="logits") -> torch.Tensor:
     if crop_size is None:
-        return _forward(models, pixel_values, flip)
+        return _forward(models, pixel_values, flip, average)
     padded, margins = _pad_to(pixel_values, crop_size)
-    return _crop_margins(_forward(models, padded, flip), margins)
+    return _crop_margins(_forward(models, padded, flip, average), margins)
 
 
-def _predict_slide(models, pixel_values, crop_size, stride, flip) -> torch.Tensor:
+def _predict_slide(models, pixel_values, crop_size, stride, flip, average="logits") -> torch.Tensor:
     padded, margins = _pad_to(pixel_values, crop_size)
     height, width = padded.shape[-2:]
     total, counts = None, torch.zeros(1, 1, height, width, device=padded.device)
     for top in _window_starts(height, crop_size[0], stride[0]):
         for left in _window_starts(width, crop_size[1], stride[1]):
             window = padded[..., top : top + crop_size[0], left : left + crop_size[1]]
-            logits = _forward(models, window, flip)
+            logits = _forward(models, window, flip, average)
             if total is None:
                 total = padded.new_zeros(padded.shape[0], logits.shape[1], height, width)
             total[..., top : top + crop_size[0], left : left + crop_size[1]] += logits
@@ -126,6 +144,7 @@ def predict_logits(
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
     num_labels: int | None = None,
+    average: str = "logits",
 ) -> torch.Tensor:
     """Logits (B, C, H, W) at the input size under one of the paper's inference protocols.
 
@@ -138,10 +157,16 @@ def predict_logits(
         scales: image scales; logits of each are resized back to (H, W) and averaged.
         flip: also run the horizontally flipped image and average.
         num_labels: if given, checked against the models' output channels.
+        average: how several models are combined at each forward pass: "logits" (their mean, the
+            original's) or "softmax" (an ensemble: the log of their mean softmax probabilities,
+            whose argmax is the ensemble's prediction). Scales, flips and windows then average
+            what that gives. One model with "logits" is the paper's evaluation.
     """
     models = list(models) if isinstance(models, (list, tuple)) else [models]
     if not models:
         raise ValueError("predict_logits needs at least one model")
+    if average not in AVERAGES:
+        raise ValueError(f"average must be one of {AVERAGES}, got {average!r}")
     if pixel_values.dim() != 4:
         raise ValueError(f"pixel_values must have shape (B, 3, H, W), got {tuple(pixel_values.shape)}")
     if mode not in ("whole", "slide"):
@@ -162,9 +187,9 @@ def predict_logits(
         scaled_size = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
         scaled = _resize(pixel_values, scaled_size)
         if mode == "whole":
-            logits = _predict_whole(models, scaled, crop, flip)
+            logits = _predict_whole(models, scaled, crop, flip, average)
         else:
-            logits = _predict_slide(models, scaled, crop, steps, flip)
+            logits = _predict_slide(models, scaled, crop, steps, flip, average)
         logits = _resize(logits, size)
         summed = logits if summed is None else summed + logits
     logits = summed / len(scales)
@@ -250,6 +275,7 @@ def evaluate_model(
     nan_to_num=None,
     progress: bool = False,
     metric=None,
+    average: str = "logits",
 ) -> dict:
     """mIoU of `models` on `data` under an inference protocol, with evaluate's `mean_iou` keys.
 
@@ -260,6 +286,7 @@ def evaluate_model(
     resized to the label size when the two differ. Models are put in eval mode and restored.
     `metric` replaces the default `MeanIoU` with another object of its interface (add_batch, sync,
     compute), e.g. `cps_hf.metrics.EvaluateModuleMeanIoU` to cross-check against evaluate.
+    `average` combines several models as in `predict_logits` ("softmax": an ensemble of a run's networks).
     """
     models = list(models) if isinstance(models, (list, tuple)) else [models]
     rank, world = _rank_and_world(accelerator)
@@ -281,7 +308,7 @@ def evaluate_model(
         for batch in batches:
             pixel_values, labels = _split_batch(batch)
             logits = predict_logits(models, pixel_values.to(device), mode=mode, crop_size=crop_size, stride=stride,
-                                    scales=scales, flip=flip, num_labels=num_labels)
+                                    scales=scales, flip=flip, num_labels=num_labels, average=average)
             logits = _resize(logits, tuple(labels.shape[-2:]))
             metric.add_batch(predictions=logits.argmax(1), references=labels.to(device))
     finally:
@@ -387,6 +414,60 @@ def load_segmentation_model(name_or_path: str, device: torch.device | str = "cpu
     except (OSError, ValueError, AttributeError, TypeError):  # no processor saved: the ImageNet statistics
         mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     return model, mean, std
+
+
+def checkpoint_network_states(checkpoint_dir: str | os.PathLike,
+                              flag: str = "--ensemble_checkpoint") -> list[tuple[str, dict]]:
+    """(file name, state dict) of every network an accelerate `step_N` checkpoint holds, in the run's
+    order: the trained networks (`model.safetensors`, `model_1.safetensors`, ...), then networks kept
+    as custom state (a mean teacher's EMA teacher, `custom_checkpoint_<i>.pkl`, read tensors-only).
+    Anything that is no such folder raises `UserInputError` naming `flag`."""
+    from .weights import CPS_PREFIXES, _strip_wrappers, checkpoint_model_files, read_weights
+
+    folder = Path(checkpoint_dir).expanduser()
+    if not folder.is_dir():
+        raise UserInputError(f"{flag} {checkpoint_dir}: folder does not exist (give a run's step_N checkpoint folder)")
+    files = checkpoint_model_files(folder)
+    if not files:
+        raise UserInputError(f"{flag} {checkpoint_dir}: no model.safetensors in that folder (give a run's step_N "
+                             "checkpoint folder, or use --models for exported model folders)")
+    states = [(path.name, read_weights(path)) for path in files]
+    custom = sorted(folder.glob("custom_checkpoint_*.pkl"), key=lambda path: int(path.stem.rsplit("_", 1)[1])
+                    if path.stem.rsplit("_", 1)[1].isdigit() else -1)
+    for path in custom:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # not tensors-only (data-stream or progress state): not a network
+            continue
+        if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            continue
+        state = _strip_wrappers(state)
+        if all(key.startswith(CPS_PREFIXES) for key in state):
+            states.append((path.name, state))
+    return states
+
+
+def load_checkpoint_networks(checkpoint_dir: str | os.PathLike, architecture, device: torch.device | str = "cpu",
+                             flag: str = "--ensemble_checkpoint") -> list:
+    """Every network of a `step_N` checkpoint (`checkpoint_network_states`), each loaded into a copy of
+    `architecture` (a single-network model, e.g. the run's exported `model/`), in eval mode on `device`."""
+    import copy
+
+    if hasattr(getattr(architecture, "config", None), "ensemble_size"):
+        raise UserInputError(f"{flag}: --model is an ensemble export; give the run's single-network model/ folder "
+                             "for the architecture")
+    networks = []
+    for name, state in checkpoint_network_states(checkpoint_dir, flag):
+        network = copy.deepcopy(architecture)
+        try:
+            network.load_state_dict(state, strict=True)
+        except RuntimeError as error:
+            raise UserInputError(
+                f"{flag} {checkpoint_dir}: {name} does not fit --model's architecture ({_first_line(error)[:300]}); "
+                "give the --model folder this run exported"
+            ) from None
+        networks.append(network.to(device).eval())
+    return networks
 
 
 def make_eval_protocol(mode: str = "whole", crop_size: int | None = None, stride: int | None = None) -> dict:

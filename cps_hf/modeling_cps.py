@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import math
 import os
 import re
 
@@ -19,7 +20,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
-from .configuration_cps import CPSConfig
+from .configuration_cps import CPSConfig, CPSEnsembleConfig
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,4 +296,93 @@ class CPSForSemanticSegmentation(CPSPreTrainedModel):
         return SemanticSegmenterOutput(loss=loss, logits=logits, hidden_states=hidden_states)
 
 
-__all__ = ["CPSPreTrainedModel", "CPSForSemanticSegmentation", "create_backbone"]
+# ---------------------------------------------------------------------------------------------
+# Ensemble of a run's networks (an addition beside the single network above, which it reuses as is)
+# ---------------------------------------------------------------------------------------------
+
+
+def _bare_network(network: nn.Module) -> nn.Module:
+    """The network itself, out of DDP (`module`) and torch.compile (`_orig_mod`) wrappers."""
+    while True:
+        inner = getattr(network, "module", None) or getattr(network, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return network
+        network = inner
+
+
+class CPSEnsembleForSemanticSegmentation(CPSPreTrainedModel):
+    """All networks of a CPS run in one model; `logits` are the log of the mean of their softmax
+    probabilities, so an argmax (the pipeline's, `post_process_semantic_segmentation`'s) is the
+    ensemble's prediction and `logits.softmax(1)` is the mean probability.
+
+    `networks[k]` is a plain `CPSForSemanticSegmentation` (its config a `CPSConfig`), so the state dict
+    holds `networks.<k>.backbone.*` and `networks.<k>.decode_head.*`. Its config is a
+    `CPSEnsembleConfig` (model type `cps_deeplabv3plus_ensemble`), registered with the Auto classes
+    on its own, so single-network exports keep loading as `CPSForSemanticSegmentation`.
+    """
+
+    config: CPSEnsembleConfig
+    config_class = CPSEnsembleConfig
+
+    def __init__(self, config: CPSEnsembleConfig):
+        super().__init__(config)
+        network_config = config.network_config()
+        self.networks = nn.ModuleList(
+            [CPSForSemanticSegmentation(network_config) for _ in range(config.ensemble_size)]
+        )
+        self.post_init()
+
+    @classmethod
+    def from_networks(cls, networks, network_names=None) -> "CPSEnsembleForSemanticSegmentation":
+        """A new ensemble holding copies of the weights of trained `CPSForSemanticSegmentation` networks
+        (DDP/compile wrappers are unwrapped). Network 1's config describes them all; networks whose
+        tensors differ from its (another backbone, head size or class count) are refused. The copy is
+        built on the CPU (move it with `.to(device)`); the networks are left untouched."""
+        networks = [_bare_network(network) for network in networks]
+        if not networks:
+            raise ValueError("an ensemble needs at least one network")
+        config = CPSEnsembleConfig.from_network_config(networks[0].config, len(networks), network_names)
+        ensemble = cls(config)
+        for index, (member, network) in enumerate(zip(ensemble.networks, networks)):
+            try:
+                member.load_state_dict(network.state_dict(), strict=True)
+            except RuntimeError as error:
+                raise ValueError(
+                    f"network {index + 1} of {len(networks)} does not have network 1's architecture: "
+                    f"{str(error).splitlines()[0]}"
+                ) from None
+        return ensemble.train(networks[0].training)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SemanticSegmenterOutput | tuple:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
+            Ground-truth class indices; the loss is the negative log-likelihood of the mean probability.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        logits, hidden_states = None, ()
+        for network in self.networks:
+            output = network(pixel_values=pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
+            log_probs = F.log_softmax(output.logits.float(), dim=1)
+            logits = log_probs if logits is None else torch.logaddexp(logits, log_probs)
+            hidden_states += tuple(output.hidden_states or ())
+        logits = logits - math.log(len(self.networks))  # log(mean softmax), computed stably
+
+        loss = None
+        if labels is not None:
+            loss = F.nll_loss(logits, labels.long(), ignore_index=self.config.semantic_loss_ignore_index)
+
+        hidden_states = hidden_states if output_hidden_states else None
+        if not return_dict:
+            output = (logits,) + ((hidden_states,) if hidden_states is not None else ())
+            return ((loss,) + output) if loss is not None else output
+        return SemanticSegmenterOutput(loss=loss, logits=logits, hidden_states=hidden_states)
+
+
+__all__ = ["CPSPreTrainedModel", "CPSForSemanticSegmentation", "CPSEnsembleForSemanticSegmentation", "create_backbone"]

@@ -9,7 +9,18 @@ The default protocol is the one the trainer evaluated the model with (`eval_prot
 config.json), so the same model gives the trainer's numbers. Models without one (older exports,
 other models) get the original code's: VOC whole image padded to 512; Cityscapes 800x800 windows
 with stride 534. --mode/--crop_size/--stride override either; single scale, no flip, one branch.
-`--model2 DIR --both_branches` averages the logits of the two CPS branches. Prints a per-class
+
+Networks: by default the one network --model holds (network 1 of a CPS run, what the paper
+evaluates), printed as "network 1 only". An ensemble averages the SOFTMAX probabilities of all a
+run's networks ("ensemble of N networks (softmax mean)"):
+
+    python scripts/evaluate_cps.py --model outputs/voc_cps/model --ensemble_checkpoint outputs/voc_cps/step_3000 ...
+    python scripts/evaluate_cps.py --models runA/model runB/model runC/model ...
+    python scripts/evaluate_cps.py --model outputs/voc_cps/model_ensemble ...   # an exported ensemble
+
+`--ensemble_checkpoint` loads every network of an accelerate checkpoint folder (model.safetensors,
+model_1.safetensors, ...; a mean teacher's teacher too) into copies of --model's architecture.
+`--model2 DIR --both_branches` (older) averages the LOGITS of two folders instead. Prints a per-class
 table and writes evaluate-style keys with the `eval_` prefix (as the trainer's all_results.json).
 Runs under `accelerate launch` too: each process takes a disjoint share of the images and the
 confusion matrices are summed. A mistake in the arguments (a model folder or data root that does
@@ -29,15 +40,26 @@ import numpy as np
 from cps_hf.cli import run_cli
 from cps_hf.errors import UserInputError
 from cps_hf.inference import (TransformedDataset, add_protocol_arguments, check_model_source,
-                              describe_protocol_choice, evaluate_model, load_eval_split, load_segmentation_model,
-                              model_eval_protocol, protocol_for_model)
+                              describe_protocol_choice, evaluate_model, load_checkpoint_networks, load_eval_split,
+                              load_segmentation_model, model_eval_protocol, protocol_for_model)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="model folder or Hub id (a transformers segmentation model)")
+    parser.add_argument("--model", help="model folder or Hub id (a transformers segmentation model); alone: that "
+                        "one network (network 1 of a CPS run, the paper's evaluation); with --ensemble_checkpoint: "
+                        "the architecture, image statistics and protocol of the checkpoint's networks")
+    parser.add_argument("--ensemble_checkpoint", metavar="STEP_DIR",
+                        help="a run's accelerate checkpoint folder (step_N): every network in it (model.safetensors, "
+                        "model_1.safetensors, ...; a mean teacher's teacher too), loaded into copies of --model, "
+                        "evaluated as one ensemble that averages their softmax probabilities")
+    parser.add_argument("--models", nargs="+", metavar="MODEL",
+                        help="several model folders or Hub ids (instead of --model) evaluated as one ensemble that "
+                        "averages their softmax probabilities; the first gives the protocol and image statistics")
     parser.add_argument("--model2", help="the second CPS branch (folder or Hub id), used with --both_branches")
-    parser.add_argument("--both_branches", action="store_true", help="average the logits of --model and --model2")
+    parser.add_argument("--both_branches", action="store_true",
+                        help="average the LOGITS (not the softmax) of --model and --model2, as the original code "
+                        "would; --models/--ensemble_checkpoint average softmax probabilities")
     parser.add_argument("--dataset", required=True, choices=["voc", "cityscapes", "folder"])
     parser.add_argument("--data_root", required=True)
     parser.add_argument("--split", default="val")
@@ -53,6 +75,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "e.g. mean_iou (evaluate's own, from the Hub) to cross-check; single process only",
     )
     args = parser.parse_args(argv)
+    if args.models and args.model:
+        parser.error("give --model or --models, not both (--models lists every network of the ensemble)")
+    if not args.models and not args.model:
+        parser.error("the following arguments are required: --model (or --models)")
+    ensembles = [flag for flag, given in (("--ensemble_checkpoint", args.ensemble_checkpoint),
+                                          ("--models", args.models), ("--both_branches", args.both_branches)) if given]
+    if len(ensembles) > 1:
+        parser.error(f"{' and '.join(ensembles)} are alternatives: give one")
     if args.both_branches and not args.model2:
         parser.error("--both_branches needs --model2 (the second branch's folder or Hub id)")
     if args.model2 and not args.both_branches:
@@ -90,27 +120,58 @@ def format_table(results: dict, class_names: list[str]) -> str:
     return "\n".join(lines)
 
 
+def load_networks(args, model, mean, std, device) -> tuple[list, str, str]:
+    """(models, how evaluate_model combines them, the line to print) for the networks the flags ask for."""
+    if args.ensemble_checkpoint:
+        models = load_checkpoint_networks(args.ensemble_checkpoint, model, device)
+    elif args.models:
+        models = [model]
+        for name in args.models[1:]:
+            other, other_mean, other_std = load_segmentation_model(name, device, flag="--models")
+            if other.config.num_labels != model.config.num_labels:
+                raise UserInputError(f"--models: {args.models[0]} has {model.config.num_labels} classes but {name} "
+                                     f"{other.config.num_labels}")
+            if (tuple(other_mean), tuple(other_std)) != (tuple(mean), tuple(std)):
+                raise UserInputError(f"--models: {name} normalises images with mean {other_mean} std {other_std}, "
+                                     f"{args.models[0]} with {mean} {std}: an ensemble needs one input")
+            models.append(other)
+    elif args.both_branches:
+        other = load_segmentation_model(args.model2, device, flag="--model2")[0]
+        if other.config.num_labels != model.config.num_labels:
+            raise UserInputError(f"--model has {model.config.num_labels} classes but --model2 "
+                                 f"{other.config.num_labels}")
+        return [model, other], "logits", "networks: --model and --model2 (logit mean, --both_branches)"
+    else:
+        exported = getattr(model.config, "ensemble_size", None)  # an exported CPSEnsembleForSemanticSegmentation
+        if exported is not None:
+            return [model], "logits", f"networks: ensemble of {exported} networks (softmax mean, exported ensemble)"
+        return [model], "logits", "networks: network 1 only"
+    return models, "softmax", f"networks: ensemble of {len(models)} networks (softmax mean)"
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    for flag, name in (("--model", args.model), ("--model2", args.model2)):
-        if name:
-            check_model_source(name, flag)  # before accelerate starts and the model and data load
+    for flag, names in (("--model", [args.model]), ("--models", args.models or []), ("--model2", [args.model2])):
+        for name in names:
+            if name:
+                check_model_source(name, flag)  # before accelerate starts and the model and data load
+    if args.ensemble_checkpoint and not Path(args.ensemble_checkpoint).expanduser().is_dir():
+        raise UserInputError(f"--ensemble_checkpoint {args.ensemble_checkpoint}: folder does not exist "
+                             "(give a run's step_N checkpoint folder)")
+    args.model = args.model or args.models[0]
     from accelerate import Accelerator
 
     from cps_hf.data import EvalTransform, class_spec_of
 
     split = load_eval_split(args.dataset, args.data_root, args.split)
     accelerator = Accelerator()
-    model, mean, std = load_segmentation_model(args.model, accelerator.device)
+    model, mean, std = load_segmentation_model(args.model, accelerator.device,
+                                               flag="--models" if args.models else "--model")
     protocol, protocol_source = protocol_from_args(args, model_eval_protocol(model.config))
+    models, average, networks_line = load_networks(args, model, mean, std, accelerator.device)
     if accelerator.is_main_process:
         print(f"protocol: {describe_protocol_choice(protocol, protocol_source)}")
-    models = [model]
-    if args.both_branches:
-        models.append(load_segmentation_model(args.model2, accelerator.device, flag="--model2")[0])
-        if models[1].config.num_labels != model.config.num_labels:
-            raise UserInputError(f"--model has {model.config.num_labels} classes but --model2 "
-                                 f"{models[1].config.num_labels}")
+        print(networks_line)
     num_labels = model.config.num_labels
 
     spec = class_spec_of(split)
@@ -136,13 +197,18 @@ def main(argv=None) -> dict:
             raise UserInputError(f"--metric {args.metric}: {reason}") from err
     results = evaluate_model(
         models, data, num_labels=num_labels, ignore_index=255, accelerator=accelerator,
-        batch_size=args.batch_size, num_workers=args.num_workers, progress=True, metric=metric, **protocol,
+        batch_size=args.batch_size, num_workers=args.num_workers, progress=True, metric=metric, average=average,
+        **protocol,
     )
     summary = {f"eval_{key}": _plain(value) for key, value in results.items()}
     summary.update({
         "class_names": class_names,
         "model": args.model,
         "model2": args.model2,
+        "models": args.models,
+        "ensemble_checkpoint": args.ensemble_checkpoint,
+        "networks": networks_line.split(": ", 1)[1],
+        "average": average if len(models) > 1 else None,
         "dataset": args.dataset,
         "split": args.split,
         "num_samples": len(data),
