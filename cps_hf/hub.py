@@ -193,7 +193,8 @@ def _card_body(
     model_ref = repo_id or "path/to/exported-model"
     ensemble_size = getattr(config, "ensemble_size", None)  # a CPSEnsembleConfig: all the run's networks
     if ensemble_size is None:
-        holds = ("This repository holds one of the two networks; either can be used at inference.")
+        holds = (f"This repository holds one network of the run: {exported_network}." if exported_network
+                 else "This repository holds one of the two networks; either can be used at inference.")
         ensemble_rows = []
     else:
         names = list(getattr(config, "network_names", None) or [f"network_{k}" for k in range(1, ensemble_size + 1)])

@@ -99,6 +99,11 @@ class CPSTrainingConfig:
         metadata={"help": "Ignore pseudo-labeled pixels whose softmax confidence is below this (0: off, as the paper)."},
     )
     ema_decay: float = field(default=0.99, metadata={"help": "Mean teacher: EMA decay of the teacher's weights."})
+    mt_consistency: Literal["probability", "pseudo_label"] = field(
+        default="probability",
+        metadata={"help": "Mean teacher: squared distance of the softmax maps (the MT / CutMix-Seg code the paper "
+                  "ran) or cross-entropy on the teacher's argmax."},
+    )
     num_networks: int = field(default=3, metadata={"help": "ncps / ncps_cutmix: number of networks (n-CPS)."})
     ncps_average: bool = field(
         default=False, metadata={"help": "ncps: average the cross terms over the N-1 peers instead of summing them."}
@@ -154,6 +159,11 @@ class CPSTrainingConfig:
         default=False,
         metadata={"help": "Also export the best-evaluated network to model_best/ (the original reports the best of its "
                   "last checkpoints: a choice made on the val split, so say so when you report it)."},
+    )
+    export_ensemble: bool = field(
+        default=False,
+        metadata={"help": "Also export all networks of the run as one model averaging their softmax "
+                  "(model_ensemble/, served by the pipeline); model/ keeps the single exported network."},
     )
     push_to_hub: bool = field(default=False, metadata={"help": "Upload model/ (with its card) to --hub_model_id at the end."})
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repo for --push_to_hub, e.g. you/cps-voc-r101-1-8."})

@@ -40,7 +40,7 @@ from cps_hf.data import (  # noqa: E402
     preflight_check,
 )
 from cps_hf.failures import NonFiniteGuard, check_finite_state, failure_marker  # noqa: E402
-from cps_hf.hub import build_model_card, export_model, push_model  # noqa: E402
+from cps_hf.hub import build_model_card, export_ensemble, export_model, push_model  # noqa: E402
 from cps_hf.inference import TransformedDataset, evaluate_model  # noqa: E402
 from cps_hf.losses import OhemCrossEntropy, cross_entropy  # noqa: E402
 from cps_hf.methods import build_method  # noqa: E402
@@ -153,6 +153,7 @@ def train(args) -> dict:
         cps_on_unlabeled=args.cps_on_unlabeled,
         pseudo_label_threshold=args.pseudo_label_threshold,
         ema_decay=args.ema_decay,
+        consistency=args.mt_consistency,
         num_networks=args.num_networks,
         ncps_average=args.ncps_average,
         generator_seed=args.seed,
@@ -345,6 +346,17 @@ def train(args) -> dict:
     # ---- save and push ---------------------------------------------------------------------
     accelerator.wait_for_everyone()
     export_network(output_dir / "model", final)
+    if args.export_ensemble:  # all networks of the run, softmax mean; evaluated on every rank (summed matrices)
+        ensemble = [accelerator.unwrap_model(n) for n in networks]
+        ensemble_eval = {f"eval_{k}": v for k, v in evaluate_model(
+            ensemble, val_set, num_labels=model_config.num_labels, ignore_index=bundle.ignore_index,
+            **model_config.eval_protocol, accelerator=accelerator, average="softmax").items()}
+        results["ensemble_eval_mean_iou"] = ensemble_eval["eval_mean_iou"]
+        if accelerator.is_main_process:
+            export_ensemble(ensemble, output_dir / "model_ensemble", network_names=list(method.names()),
+                            results=ensemble_eval, dataset_name=args.dataset, dataset_type=args.dataset,
+                            protocol=args.labeled, method=args.method, backbone=args.backbone,
+                            split=args.val_split, training_args=args.to_dict(), repo_id=None)
     if accelerator.is_main_process:
         (output_dir / "all_results.json").write_text(json.dumps(results, indent=2, default=jsonable))
         if args.push_to_hub:

@@ -359,3 +359,34 @@ def test_evaluate_cps_ensemble_flags_refuse_mistakes(run, tmp_path):
               other / "model.safetensors")
     with pytest.raises(UserInputError, match="model.safetensors does not fit --model's architecture"):
         evaluate_cps.main(["--model", model, "--ensemble_checkpoint", str(other), *data])
+
+
+def test_trainer_exports_the_runs_ensemble_beside_network_1(tmp_path):
+    """--export_ensemble: model_ensemble/ holds every network of the run, its card says so, the pipeline
+    serves it, and all_results.json has its mIoU beside network 1's."""
+    import json
+
+    from PIL import Image
+    from transformers import pipeline
+
+    from test_train import demo_root as _unused, tiny_args, train_cps  # noqa: F401
+    from cps_hf.data import make_demo_voc
+    from accelerate.state import AcceleratorState, GradientState
+
+    root = tmp_path / "demo"
+    make_demo_voc(root, num_train=24, num_val=4, size=(40, 52), seed=0)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    out = tmp_path / "run"
+    results = train_cps.main(tiny_args(root, out, "--method", "ncps", "--num_networks", "3", "--max_train_steps", "2",
+                                       "--export_ensemble"))
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    saved = json.loads((out / "all_results.json").read_text())
+    assert 0 <= saved["ensemble_eval_mean_iou"] <= 1 and saved["ensemble_eval_mean_iou"] == results["ensemble_eval_mean_iou"]
+    config = json.loads((out / "model_ensemble" / "config.json").read_text())
+    assert config["ensemble_size"] == 3
+    assert "ensemble of 3" in (out / "model_ensemble" / "README.md").read_text()
+    assert "network_1 (network 1 of 3)" in (out / "model" / "README.md").read_text()
+    masks = pipeline("image-segmentation", model=str(out / "model_ensemble"), subtask="semantic")(Image.new("RGB", (45, 33)))
+    assert masks and all(m["mask"].size == (45, 33) for m in masks)

@@ -100,6 +100,9 @@ def test_contract_and_names():
         build_method("mean_teacher_cutmix", cross_entropy, cps_on_unlabeled=False)
     with pytest.raises(ValueError, match="consistency"):
         MeanTeacherMethod(cross_entropy, consistency="mse")
+    # --mt_consistency reaches the method through the trainer's options (others ignore it)
+    assert build_method("mean_teacher", cross_entropy, consistency="pseudo_label").consistency == "pseudo_label"
+    assert build_method("cps", cross_entropy, consistency="pseudo_label").name == "cps"
 
 
 def test_init_networks_copies_the_student_parameters_and_buffers():
