@@ -48,17 +48,18 @@ def test_hub_token_is_never_written(demo_root, tmp_path, monkeypatch, capsys):
 
 
 def _nan_at(method, bad_steps):
-    """Wrap a method so that its loss is NaN at the given optimizer steps (0-based)."""
+    """Make a method's loss NaN at the given optimizer steps (0-based); everything else unchanged."""
+    compute = method.compute
 
-    def call(networks, batch, step, **kw):
-        output = method(networks, batch, step, **kw)
+    def nan_compute(models, batch, step, generator):
+        output = compute(models, batch, step, generator)
         if step in bad_steps:
             output.loss = output.loss * float("nan")
             output.logs["loss"] = float("nan")
         return output
 
-    call.num_models, call.num_unlabeled_streams = method.num_models, method.num_unlabeled_streams
-    return call
+    method.compute = nan_compute
+    return method
 
 
 def test_diverging_run_stops_and_exports_nothing(demo_root, tmp_path):
