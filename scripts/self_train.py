@@ -107,6 +107,10 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
         if any(arg == flag or arg.startswith(flag + "=") for arg in passthrough):
             raise UserInputError(f"{flag} is chosen per stage by self_train.py (stages resume by themselves); "
                                  "leave it out of the training flags")
+    for flag in ("--push_to_hub", "--init_from"):  # both stages would push to one repo / stage 3 would not start fresh
+        if any(arg == flag or arg.startswith(flag + "=") for arg in passthrough):
+            raise UserInputError(f"{flag} would apply to both training stages; run self_train.py without it and "
+                                 "push or start from OUT/stage3/model yourself")
     return args, passthrough
 
 

@@ -256,6 +256,9 @@ def test_user_mistakes_are_one_line_errors(demo_root, tmp_path, capsys):
         assert err.count("\n") == 1 and message in err
     with pytest.raises(UserInputError):
         self_train.parse_args(["--output_dir", "x", "--", "--output_dir", "y"])
+    for flag in (["--push_to_hub"], ["--init_from", "some/model"]):  # would act on both stages
+        with pytest.raises(UserInputError, match="both training stages"):
+            self_train.parse_args(["--output_dir", "x", "--", *flag])
 
 
 def test_two_cpu_processes_pseudo_label_disjoint_shares(demo_root, tmp_path):
