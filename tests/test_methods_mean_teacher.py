@@ -1,7 +1,6 @@
 """Mean teacher and its CutMix form (cps_hf/methods/mean_teacher.py): the loss against its equation on
 tiny conv networks, the EMA teacher, and end-to-end runs of scripts/train_cps.py (export, resume, DDP)."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -265,44 +264,7 @@ def test_cutmix_loss_equals_its_equation(consistency):
 # ---- end to end through scripts/train_cps.py ----------------------------------------------------
 
 
-def _load_train_module():
-    spec = importlib.util.spec_from_file_location("train_cps_mean_teacher", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_cps = _load_train_module()
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    from cps_hf.data import make_demo_voc
-
-    root = tmp_path_factory.mktemp("demo")
-    make_demo_voc(root, num_train=40, num_val=6, size=(40, 52), seed=0)
-    return root
-
-
-def tiny_args(demo_root, output_dir, *extra):
-    return [
-        "--dataset", "voc", "--data_root", str(demo_root), "--labeled", "8", "--backbone", "mobilenetv3_small_100",
-        "--pretrained_backbone", "none", "--crop_size", "32", "--scales", "0.75", "1.0",
-        "--per_device_train_batch_size", "2", "--aspp_channels", "16", "--decoder_channels", "16",
-        "--low_level_channels", "8", "--learning_rate", "0.01", "--num_workers", "0", "--report_to", "none",
-        "--logging_steps", "1", "--output_dir", str(output_dir), *extra,
-    ]
+from test_train import demo_root, fresh_accelerate_state, tiny_args, train_cps  # noqa: E402,F401  (shared fixtures)
 
 
 def _read_log(output_dir):

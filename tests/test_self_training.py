@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cps_hf.data import build_datasets, make_demo_voc
+from cps_hf.data import build_datasets
 from cps_hf.errors import UserInputError
 from cps_hf.self_training import (
     SelfTrainingError,
@@ -35,33 +35,14 @@ def _load(name):
 self_train = _load("self_train")
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo_st")
-    make_demo_voc(root, num_train=40, num_val=6, size=(40, 52), seed=0)
-    return root
+from test_train import demo_root, fresh_accelerate_state, tiny_args  # noqa: E402,F401  (shared fixtures)
 
 
 def tiny_flags(demo_root, *extra):
     """tests/test_train.py's tiny_args without --output_dir (self_train.py picks one per stage)."""
-    return [
-        "--dataset", "voc", "--data_root", str(demo_root), "--labeled", "8", "--backbone", "mobilenetv3_small_100",
-        "--pretrained_backbone", "none", "--crop_size", "32", "--scales", "0.75", "1.0",
-        "--per_device_train_batch_size", "2", "--aspp_channels", "16", "--decoder_channels", "16",
-        "--low_level_channels", "8", "--learning_rate", "0.01", "--num_workers", "0", "--report_to", "none",
-        "--logging_steps", "1", "--max_train_steps", "2", "--checkpointing_steps", "1", *extra,
-    ]
+    args = tiny_args(demo_root, "unused")
+    at = args.index("--output_dir")
+    return [*args[:at], *args[at + 2:], "--max_train_steps", "2", "--checkpointing_steps", "1", *extra]
 
 
 @pytest.fixture(scope="module")
