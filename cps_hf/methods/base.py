@@ -220,6 +220,30 @@ class Method:
             if "pixel_values" not in stream:
                 raise KeyError(f"method {self.name!r}: batch['unlabeled'][{i}] has no 'pixel_values'")
 
+    def _init_cross_switches(self, on_labeled: bool, on_unlabeled: bool, term: str) -> None:
+        """Table 4's switches, for methods whose unsupervised term has a labeled and an unlabeled part.
+        With the unlabeled part off, no unlabeled batch is loaded or forwarded."""
+        if not on_labeled and not on_unlabeled:
+            raise ValueError(
+                f"method {self.name!r}: cps_on_labeled and cps_on_unlabeled cannot both be off (that leaves "
+                f"no {term}: use --method supervised)"
+            )
+        self.cps_on_labeled = bool(on_labeled)
+        self.cps_on_unlabeled = bool(on_unlabeled)
+        if not self.cps_on_unlabeled:
+            self.num_unlabeled_streams = 0
+
+    @staticmethod
+    def _forward_labeled_and_unlabeled(models, batch, use_unlabeled: bool) -> tuple[list, list]:
+        """Each network's logits on the labeled batch, then (if used) on the unlabeled one, network by
+        network: the original's forward order (separate BN batch statistics per batch)."""
+        logits_l, logits_u = [], []
+        for model in models:
+            logits_l.append(logits_of(model, batch["labeled"]["pixel_values"]))
+            if use_unlabeled:
+                logits_u.append(logits_of(model, batch["unlabeled"][0]["pixel_values"]))
+        return logits_l, logits_u
+
     def _supervised_losses(self, logits_per_model, labels, logs: StepLogs) -> torch.Tensor:
         """L_s of equation 4: the sum over networks of each one's supervision loss."""
         losses = [self.sup_criterion(logits, labels) for logits in logits_per_model]
@@ -236,6 +260,15 @@ class Method:
         if self.background_index is not None:
             background = (predictions_1 == self.background_index) & (predictions_2 == self.background_index)
             logs.add_agreement(f"{name}_fg", predictions_1, predictions_2, background)
+
+
+def pixel_weighted(loss_l, logits_l: torch.Tensor, loss_u, logits_u: torch.Tensor):
+    """A term on labeled and unlabeled images as one mean over all their pixels, as the original's CE
+    over the concatenated logits: (n_l L^l + n_u L^u) / (n_l + n_u). Either part may be None (off)."""
+    if loss_l is not None and loss_u is not None:
+        n_l, n_u = logits_l[:, 0].numel(), logits_u[:, 0].numel()
+        return (n_l * loss_l + n_u * loss_u) / (n_l + n_u)
+    return loss_u if loss_u is not None else loss_l
 
 
 def logits_of(model, pixel_values: torch.Tensor) -> torch.Tensor:

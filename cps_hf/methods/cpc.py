@@ -4,7 +4,7 @@ the squared L2 distance between their softmax probabilities in place of the cros
 from __future__ import annotations
 
 from ..losses import cross_probability_consistency, pseudo_labels
-from .base import Method, MethodOutput, StepLogs, logits_of, register_method
+from .base import Method, MethodOutput, StepLogs, pixel_weighted, register_method
 
 
 @register_method
@@ -40,21 +40,13 @@ class CPCMethod(Method):
     num_unlabeled_streams = 1
 
     def __init__(self, sup_criterion, cps_on_labeled: bool = True, cps_on_unlabeled: bool = True, **kwargs):
-        if not cps_on_labeled and not cps_on_unlabeled:
-            raise ValueError(
-                "method 'cpc': cps_on_labeled and cps_on_unlabeled cannot both be off (that leaves no "
-                "consistency term: use --method supervised)"
-            )
         if kwargs.get("pseudo_label_threshold"):
             raise ValueError(
                 "method 'cpc' compares probabilities and makes no pseudo labels; pseudo_label_threshold "
                 f"must be 0, got {kwargs['pseudo_label_threshold']}"
             )
         super().__init__(sup_criterion, **kwargs)
-        self.cps_on_labeled = bool(cps_on_labeled)
-        self.cps_on_unlabeled = bool(cps_on_unlabeled)
-        if not self.cps_on_unlabeled:
-            self.num_unlabeled_streams = 0  # L_cpc^l only: no unlabelled batch is loaded or forwarded
+        self._init_cross_switches(cps_on_labeled, cps_on_unlabeled, "consistency term")
 
     def compute(self, models, batch, step, generator):
         logs = StepLogs()
@@ -62,12 +54,7 @@ class CPCMethod(Method):
         weight = self.cps_weight_at(step)
         logs.add("cps_weight", weight)
         use_unlabeled = weight > 0 and self.cps_on_unlabeled
-
-        logits_l, logits_u = [], []
-        for model in models:
-            logits_l.append(logits_of(model, labeled["pixel_values"]))
-            if use_unlabeled:
-                logits_u.append(logits_of(model, batch["unlabeled"][0]["pixel_values"]))
+        logits_l, logits_u = self._forward_labeled_and_unlabeled(models, batch, use_unlabeled)
 
         loss = self._supervised_losses(logits_l, labeled["labels"], logs)
         self._log_agreement("agreement_l", *(pseudo_labels(logits) for logits in logits_l), logs)
@@ -79,11 +66,7 @@ class CPCMethod(Method):
             if self.cps_on_labeled:
                 loss_l = cross_probability_consistency(*logits_l)
                 logs.add("loss_cpc_l", loss_l)
-            if loss_l is not None and loss_u is not None:
-                n_l, n_u = logits_l[0][:, 0].numel(), logits_u[0][:, 0].numel()
-                loss_cpc = (n_l * loss_l + n_u * loss_u) / (n_l + n_u)
-            else:
-                loss_cpc = loss_u if loss_u is not None else loss_l
+            loss_cpc = pixel_weighted(loss_l, logits_l[0], loss_u, logits_u[0] if logits_u else None)
             logs.add("loss_cpc", loss_cpc)
             if use_unlabeled:
                 self._log_agreement("agreement_u", *(pseudo_labels(logits) for logits in logits_u), logs)

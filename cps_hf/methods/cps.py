@@ -6,7 +6,7 @@ import torch
 
 from ..cutmix import box_mask, mix
 from ..losses import cross_supervision, pseudo_labels
-from .base import Method, MethodOutput, StepLogs, logits_of, register_method
+from .base import Method, MethodOutput, StepLogs, logits_of, pixel_weighted, register_method
 
 
 class _KeptFractions:
@@ -83,16 +83,8 @@ class CPSMethod(Method):
     num_unlabeled_streams = 1
 
     def __init__(self, sup_criterion, cps_on_labeled: bool = True, cps_on_unlabeled: bool = True, **kwargs):
-        if not cps_on_labeled and not cps_on_unlabeled:
-            raise ValueError(
-                f"method {self.name!r}: cps_on_labeled and cps_on_unlabeled cannot both be off (that leaves "
-                "no cross term: use --method supervised)"
-            )
         super().__init__(sup_criterion, **kwargs)
-        self.cps_on_labeled = bool(cps_on_labeled)
-        self.cps_on_unlabeled = bool(cps_on_unlabeled)
-        if not self.cps_on_unlabeled:
-            self.num_unlabeled_streams = 0  # L_cps^l only: no unlabelled batch is loaded or forwarded
+        self._init_cross_switches(cps_on_labeled, cps_on_unlabeled, "cross term")
 
     def compute(self, models, batch, step, generator):
         logs = StepLogs()
@@ -100,12 +92,7 @@ class CPSMethod(Method):
         weight = self.cps_weight_at(step)
         logs.add("cps_weight", weight)
         use_unlabeled = weight > 0 and self.cps_on_unlabeled
-
-        logits_l, logits_u = [], []
-        for model in models:
-            logits_l.append(logits_of(model, labeled["pixel_values"]))
-            if use_unlabeled:
-                logits_u.append(logits_of(model, batch["unlabeled"][0]["pixel_values"]))
+        logits_l, logits_u = self._forward_labeled_and_unlabeled(models, batch, use_unlabeled)
 
         loss = self._supervised_losses(logits_l, labeled["labels"], logs)
         # One argmax per logits tensor, shared by the CPS loss and the agreement logs.
@@ -123,11 +110,7 @@ class CPSMethod(Method):
                 targets_l = _cross_targets(self, logits_l, predictions_l, logs, "l")
                 loss_cps_l = cross_supervision(*logits_l, *targets_l, self.ignore_index)
                 logs.add("loss_cps_l", loss_cps_l)
-            if loss_cps_l is not None and loss_cps_u is not None:
-                n_l, n_u = logits_l[0][:, 0].numel(), logits_u[0][:, 0].numel()
-                loss_cps = (n_l * loss_cps_l + n_u * loss_cps_u) / (n_l + n_u)
-            else:
-                loss_cps = loss_cps_u if loss_cps_u is not None else loss_cps_l
+            loss_cps = pixel_weighted(loss_cps_l, logits_l[0], loss_cps_u, logits_u[0] if logits_u else None)
             logs.add("loss_cps", loss_cps)
             if use_unlabeled:
                 self._log_agreement("agreement_u", *predictions_u, logs)

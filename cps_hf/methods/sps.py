@@ -7,7 +7,7 @@ import torch
 
 from ..cutmix import box_mask, mix
 from ..losses import cross_entropy
-from .base import Method, MethodOutput, StepLogs, logits_of, register_method
+from .base import Method, MethodOutput, StepLogs, logits_of, pixel_weighted, register_method
 
 
 @register_method
@@ -47,16 +47,8 @@ class SPSMethod(Method):
     num_unlabeled_streams = 1
 
     def __init__(self, sup_criterion, cps_on_labeled: bool = True, cps_on_unlabeled: bool = True, **kwargs):
-        if not cps_on_labeled and not cps_on_unlabeled:
-            raise ValueError(
-                f"method {self.name!r}: cps_on_labeled and cps_on_unlabeled cannot both be off (that leaves "
-                "no pseudo supervision: use --method supervised)"
-            )
         super().__init__(sup_criterion, **kwargs)
-        self.cps_on_labeled = bool(cps_on_labeled)
-        self.cps_on_unlabeled = bool(cps_on_unlabeled)
-        if not self.cps_on_unlabeled:
-            self.num_unlabeled_streams = 0  # L_sps^l only: no unlabelled batch is loaded or forwarded
+        self._init_cross_switches(cps_on_labeled, cps_on_unlabeled, "pseudo supervision")
 
     def _self_supervision(self, logits, logs, log_name):
         """CE(p, sg y) with y the (optionally thresholded) argmax of the same logits."""
@@ -81,11 +73,7 @@ class SPSMethod(Method):
             if self.cps_on_labeled:
                 loss_l = self._self_supervision(logits_l, logs, "pseudo_kept_l")
                 logs.add("loss_sps_l", loss_l)
-            if loss_l is not None and loss_u is not None:
-                n_l, n_u = logits_l[:, 0].numel(), logits_u[:, 0].numel()
-                loss_sps = (n_l * loss_l + n_u * loss_u) / (n_l + n_u)
-            else:
-                loss_sps = loss_u if loss_u is not None else loss_l
+            loss_sps = pixel_weighted(loss_l, logits_l, loss_u, logits_u)
             logs.add("loss_sps", loss_sps)
             loss = loss + weight * loss_sps
         logs.add("loss", loss)
