@@ -7,40 +7,19 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from cps_hf.cutmix import box_mask
 from cps_hf.losses import cross_entropy
 from cps_hf.methods import MeanTeacherCutMixMethod, MeanTeacherMethod, build_method
 
-NUM_CLASSES = 4
+from test_methods import NUM_CLASSES, TinySegmenter, _logits  # noqa: E402  (the tiny networks of the CPS tests)
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "train_cps.py"
-
-
-class TinySegmenter(nn.Module):
-    """conv-BN-ReLU-conv at full resolution; records each call (batch size, grad mode, input)."""
-
-    def __init__(self, seed):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.body = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, NUM_CLASSES, 1)
-        )
-        self.calls = []
-
-    def forward(self, pixel_values):
-        self.calls.append(SimpleNamespace(batch=pixel_values.shape[0], grad=torch.is_grad_enabled(), x=pixel_values))
-        return SimpleNamespace(logits=self.body(pixel_values))
-
-
-def _logits(model, x):
-    return model.body(x)  # bypasses the call log; BN in train mode uses batch statistics only
 
 
 def _batch(num_unlabeled_streams, labeled=2, unlabeled=2, size=12):
