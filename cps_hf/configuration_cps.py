@@ -12,20 +12,34 @@ from transformers import PreTrainedConfig
 class CPSConfig(PreTrainedConfig):
     r"""
     backbone (`str`, defaults to `"resnet50"`):
-        timm model name, built with `features_only=True`. The paper uses deep-stem ResNets
-        (`resnet50s`/`resnet101s`, the original's "v1c") and HRNet-W48.
+        timm model name. CNNs (ResNet, ConvNeXt, HRNet, ...) are built with `features_only=True`;
+        the paper uses deep-stem ResNets (`resnet50s`/`resnet101s`, the original's "v1c") and
+        HRNet-W48. Plain ViTs (a timm model with `patch_embed` and `forward_intermediates` and no
+        stride-4 level, e.g. DINOv2's `vit_small_patch14_dinov2`) are detected and built whole, with
+        `num_classes=0` and `dynamic_img_size=True`; a neck turns their patch-stride token maps into
+        the decoder's stride-4 and context inputs.
     backbone_kwargs (`dict`, defaults to `{}`):
-        Extra keyword arguments for `timm.create_model` (e.g. `{"drop_path_rate": 0.1}`).
+        Extra keyword arguments for `timm.create_model` (e.g. `{"drop_path_rate": 0.1}`; for ViTs
+        also `depth`, `embed_dim`, `img_size`, ...).
     backbone_out_indices (`list[int]`, *optional*):
         Which backbone feature levels feed the decoder: `[low_level, high_level]`. Default: the
-        level with stride 4 and the last level.
+        level with stride 4 and the last level. CNN backbones only (ViTs: `vit_feature_indices`).
     output_stride (`int`, *optional*, defaults to 16):
         Backbone output stride (16 or 8, by dilation). `None` keeps the backbone's own stride
-        (for timm models that cannot dilate, e.g. HRNet).
+        (for timm models that cannot dilate, e.g. HRNet). A plain ViT runs at its patch stride: 16 (the
+        default) or `None` is accepted and ignored, other values are refused.
     multi_grid (`list[int]`, *optional*):
         Unit multi-grid of the last stage (DeepLabv3): block `i` of the last stage gets dilation
         `stage_dilation * multi_grid[i]`. The original CPS code uses `[1, 2, 4]` at output
         stride 16, i.e. dilations 2/4/8. ResNet-family backbones only.
+    vit_feature_indices (`list[int]`, *optional*):
+        Plain ViTs only: the blocks whose normed outputs the neck taps (0-based; negative counts
+        from the last block). Default: four evenly spaced blocks ending at the last (`[2, 5, 8, 11]`
+        for 12 blocks), as DINOv2's segmentation recipes. Blocks after the last tap are removed
+        from the backbone, so no parameter goes unused.
+    pad_to_patch_multiple (`bool`, defaults to `True`):
+        Plain ViTs only: pad the input on the right and bottom to a multiple of the patch size and
+        crop the logits back, so any image size works. `False` refuses other sizes.
     aspp_rates (`list[int]`, defaults to `[6, 12, 18]`):
         Dilation rates of the three 3x3 ASPP branches.
     aspp_channels (`int`, defaults to 256):
@@ -59,6 +73,8 @@ class CPSConfig(PreTrainedConfig):
     backbone_out_indices: list[int] | tuple[int, ...] | None = None
     output_stride: int | None = 16
     multi_grid: list[int] | tuple[int, ...] | None = None
+    vit_feature_indices: list[int] | tuple[int, ...] | None = None
+    pad_to_patch_multiple: bool = True
     aspp_rates: list[int] | tuple[int, ...] = (6, 12, 18)
     aspp_channels: int = 256
     low_level_channels: int = 48
@@ -81,6 +97,11 @@ class CPSConfig(PreTrainedConfig):
             raise ValueError(
                 "CPSConfig.backbone_out_indices must be [low_level_index, high_level_index], "
                 f"got {list(self.backbone_out_indices)}"
+            )
+        indices = self.vit_feature_indices
+        if indices is not None and (not indices or len(set(indices)) != len(indices)):
+            raise ValueError(
+                f"CPSConfig.vit_feature_indices must be distinct block indices, at least one, got {list(indices)}"
             )
         if self.num_labels < 1:
             raise ValueError(f"CPSConfig.num_labels must be positive, got {self.num_labels}")

@@ -25,7 +25,13 @@ from transformers import PreTrainedModel
 from .configuration_cps import CPSConfig, CPSEnsembleConfig
 from .image_processing_cps import CPSImageProcessor
 from .inference import describe_protocol, model_eval_protocol
-from .modeling_cps import CPSEnsembleForSemanticSegmentation, CPSForSemanticSegmentation, _bare_network
+from .modeling_cps import (
+    CPSEnsembleForSemanticSegmentation,
+    CPSForSemanticSegmentation,
+    _bare_network,
+    plain_vit_facts,
+    vit_tap_indices,
+)
 
 # ---------------------------------------------------------------------------------------------
 # What an exported folder holds
@@ -165,6 +171,34 @@ def _card_metadata(
     )
 
 
+# Backbone weights whose licence is not the model's own choice: users of the card must see it.
+BACKBONE_WEIGHT_LICENCES = (
+    ("dinov3", "DINOv3 License (Meta's own terms, not Apache-2.0): read them before using or sharing the weights"),
+    ("dinov2", "Apache-2.0 (DINOv2 weights, Meta)"),
+)
+
+
+def _backbone_licence_rows(*names: str) -> list[str]:
+    """The licence row when the backbone (timm name or the card's display name) is one of those families."""
+    for family, licence in BACKBONE_WEIGHT_LICENCES:
+        if any(family in name.lower() for name in names):
+            return [f"| Backbone weights licence | {_cell(licence)} |"]
+    return []
+
+
+def _architecture_rows(config: CPSConfig) -> tuple[str, str]:
+    """How the backbone feeds the head: features_only levels (CNNs), or ViT taps through the neck."""
+    vit = plain_vit_facts(config)
+    if vit is None:
+        stride = config.output_stride if config.output_stride is not None else "backbone default"
+        return ("| Architecture | DeepLabv3+ (ASPP + decoder) on a timm `features_only` backbone |",
+                f"| Output stride | {stride} |")
+    taps = ", ".join(str(index) for index in vit_tap_indices(config, vit.depth))
+    return (f"| Architecture | DeepLabv3+ (ASPP + decoder) on a plain ViT: normed outputs of blocks {taps} "
+            "through a simple feature-pyramid neck (4x transposed-conv upsampling + 1x1 fusion) |",
+            f"| Output stride | {vit.patch_size[0]} (the patch size; inputs are padded to a multiple) |")
+
+
 def _eval_protocol_rows(config: CPSConfig) -> list[str]:
     """The protocol behind the card's numbers, which `scripts/evaluate_cps.py` also uses by default."""
     protocol = model_eval_protocol(config)
@@ -203,7 +237,7 @@ def _card_body(
                  "the pipeline's argmax is the ensemble's prediction. (The paper evaluates network 1 alone.)")
         ensemble_rows = [f"| Networks | ensemble of {ensemble_size} (softmax mean): {_cell(', '.join(names))} |"]
     protocol_text = protocol or "fully supervised (all labels)"
-    stride = config.output_stride if config.output_stride is not None else "backbone default"
+    architecture_row, stride_row = _architecture_rows(config)
     lines = [
         f"# {model_name}",
         "",
@@ -222,10 +256,11 @@ def _card_body(
         f"| Method | {_cell(method)} |",
         f"| Labeled-data protocol | {_cell(protocol_text)} |",
         f"| Dataset | {_cell(dataset_name)} |",
-        "| Architecture | DeepLabv3+ (ASPP + decoder) on a timm `features_only` backbone |",
+        architecture_row,
         f"| Backbone | `{_cell(backbone)}` |",
         f"| Backbone initialisation | {_cell(config.backbone_pretrained_source or 'random')} |",
-        f"| Output stride | {stride} |",
+        *_backbone_licence_rows(config.backbone, backbone),
+        stride_row,
         f"| ASPP rates | {', '.join(str(rate) for rate in config.aspp_rates)} |",
         f"| Classes | {config.num_labels} |",
         *([f"| Exported network | {_cell(exported_network)} |"] if exported_network else []),

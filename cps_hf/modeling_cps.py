@@ -1,20 +1,26 @@
 """One CPS segmentation network: a timm backbone under the DeepLabv3+ head of the original CPS code.
 
-Read top to bottom: building blocks (backbone taps, ASPP, decoder), then the `PreTrainedModel`
-base that knows how to initialise only the head, then the semantic-segmentation model.
+Read top to bottom: building blocks (backbone taps, plain-ViT backbones and their neck, ASPP,
+decoder), then the `PreTrainedModel` base that knows how to initialise only the head (neck
+included), then the semantic-segmentation model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import functools
 import importlib
+import json
 import math
 import os
 import re
+from typing import NamedTuple
 
 import timm
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
@@ -95,11 +101,20 @@ def _create_timm(name: str, pretrained: bool, kwargs: dict) -> nn.Module:
 def create_backbone(
     config: CPSConfig, pretrained: bool = False, checkpoint_path: str | None = None, state_dict: dict | None = None
 ) -> nn.Module:
-    """A timm `features_only` network with explicit taps; random weights unless asked otherwise.
+    """A timm `features_only` network with explicit taps (a plain ViT: the whole ViT, see
+    `create_plain_vit`); random weights unless asked otherwise.
 
     `state_dict` (a timm/PyTorch classifier checkpoint already read) goes through timm's own loader,
     so its model-specific key conversions and the features-only wrapping apply.
     """
+    vit = plain_vit_facts(config)
+    if vit is not None:
+        return create_plain_vit(config, vit, pretrained, checkpoint_path, state_dict)
+    if config.vit_feature_indices is not None:
+        raise ValueError(
+            f"CPSConfig.vit_feature_indices is for plain ViT backbones; {config.backbone!r} is not one "
+            "(use backbone_out_indices to choose its feature levels)"
+        )
     kwargs = dict(config.backbone_kwargs or {})
     if config.output_stride is not None:
         kwargs["output_stride"] = config.output_stride
@@ -128,6 +143,169 @@ def create_backbone(
 
 
 # ---------------------------------------------------------------------------------------------
+# Plain ViT backbones (DINOv2 and other timm ViTs with `forward_intermediates`)
+# ---------------------------------------------------------------------------------------------
+
+
+class PlainViTFacts(NamedTuple):
+    """What the model needs to know about a plain ViT before building it."""
+
+    patch_size: tuple[int, int]
+    depth: int
+    embed_dim: int
+
+
+@functools.lru_cache(maxsize=64)
+def _probe_plain_vit(name: str, kwargs_json: str) -> PlainViTFacts | None:
+    try:
+        with torch.device("meta"):  # no weights, no download: a look at the architecture only
+            model = timm.create_model(name, pretrained=False, **json.loads(kwargs_json))
+    except Exception:  # unknown names and kwargs: the features_only path reports them properly
+        return None
+    levels = getattr(model, "feature_info", None)
+    reductions = [level.get("reduction") for level in levels] if isinstance(levels, list) else []
+    blocks = getattr(model, "blocks", None)
+    patch_embed = getattr(model, "patch_embed", None)
+    plain = (hasattr(model, "forward_intermediates") and hasattr(model, "prune_intermediate_layers")
+             and patch_embed is not None and isinstance(blocks, (nn.Sequential, nn.ModuleList))
+             and 4 not in reductions)
+    if not plain:
+        return None
+    patch = getattr(patch_embed, "patch_size", None) or (reductions[-1], reductions[-1])
+    patch = tuple(patch) if isinstance(patch, (tuple, list)) else (patch, patch)
+    return PlainViTFacts(patch, len(blocks), int(getattr(model, "embed_dim", None) or model.num_features))
+
+
+def plain_vit_facts(config: CPSConfig) -> PlainViTFacts | None:
+    """Patch size, depth and width when `config.backbone` is a plain ViT, else None (a CNN).
+
+    A plain ViT is a timm model with `patch_embed` and `forward_intermediates` whose levels are all
+    at the patch stride: `features_only` would give DeepLabv3+ no stride-4 level (Swin, which has
+    one, stays on the CNN path). Decided on a weightless (meta) copy, cached per name and kwargs.
+    """
+    kwargs = json.dumps(dict(config.backbone_kwargs or {}), sort_keys=True, default=str)
+    return _probe_plain_vit(config.backbone, kwargs)
+
+
+def vit_tap_indices(config: CPSConfig, depth: int) -> list[int]:
+    """The tapped blocks, 0-based and ascending: `config.vit_feature_indices`, or four evenly spaced
+    blocks ending at the last (DINOv2's segmentation recipes: [2, 5, 8, 11] of 12)."""
+    if config.vit_feature_indices is None:
+        return sorted({max(depth * (k + 1) // 4 - 1, 0) for k in range(4)})
+    bad = [index for index in config.vit_feature_indices if not -depth <= index < depth]
+    if bad:
+        raise ValueError(
+            f"CPSConfig.vit_feature_indices {list(config.vit_feature_indices)}: {bad} out of range for "
+            f"{config.backbone!r}, which has {depth} blocks (0..{depth - 1}, or negative from the end)"
+        )
+    indices = sorted(index % depth for index in config.vit_feature_indices)
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"CPSConfig.vit_feature_indices {list(config.vit_feature_indices)} names a block twice")
+    return indices
+
+
+def _check_vit_config(config: CPSConfig) -> None:
+    """CNN-only fields on a ViT fail here, naming the field, instead of deep inside timm."""
+    where = f"backbone {config.backbone!r} is a plain ViT"
+    if config.output_stride not in (None, 16):
+        raise ValueError(
+            f"CPSConfig.output_stride={config.output_stride}: {where}, which runs at its patch stride; "
+            "leave output_stride at 16 (ignored) or None"
+        )
+    if config.backbone_out_indices is not None:
+        raise ValueError(f"CPSConfig.backbone_out_indices: {where}; choose its taps with vit_feature_indices")
+    if config.multi_grid:
+        raise ValueError(f"CPSConfig.multi_grid needs a ResNet-family backbone, got {config.backbone!r}")
+
+
+def create_plain_vit(
+    config: CPSConfig,
+    vit: PlainViTFacts,
+    pretrained: bool = False,
+    checkpoint_path: str | None = None,
+    state_dict: dict | None = None,
+) -> nn.Module:
+    """The whole timm ViT (no `features_only`: it would drop the final norm the taps use), without
+    its classifier, accepting any side that is a multiple of the patch (position embeddings are
+    resampled), with the blocks after the last tap removed so every parameter reaches the logits.
+
+    Weights load through timm's loader as on the CNN path (its checkpoint filters convert original
+    DINOv2 keys and resample position embeddings); a local file or state dict loads non-strictly, so
+    `cps_hf.weights` can report what fitted, while timm's Hub weights load strictly.
+    """
+    _check_vit_config(config)
+    kwargs = {"num_classes": 0, "dynamic_img_size": True, **(config.backbone_kwargs or {})}
+    if checkpoint_path is not None:
+        kwargs["pretrained_cfg_overlay"] = dict(file=os.fspath(checkpoint_path))
+    if state_dict is not None:
+        kwargs["pretrained_cfg_overlay"] = dict(state_dict=state_dict)
+    if "pretrained_cfg_overlay" in kwargs:
+        kwargs["pretrained_strict"] = False
+    loads = pretrained or checkpoint_path is not None or state_dict is not None
+    try:
+        backbone = timm.create_model(config.backbone, pretrained=loads, **kwargs)
+    except (AssertionError, TypeError) as error:
+        hint = (" (plain ViTs are built with dynamic_img_size=True so that any input size works; this one "
+                "does not support it)" if "dynamic_img_size" in str(error) else "")
+        raise ValueError(
+            f"timm could not build ViT backbone {config.backbone!r} with {kwargs}: {error!r}{hint}"
+        ) from error
+    backbone.prune_intermediate_layers(vit_tap_indices(config, vit.depth), prune_norm=False, prune_head=True)
+    return backbone
+
+
+def pad_to_patch_multiple(pixel_values: torch.Tensor, patch_size: tuple[int, int], config: CPSConfig) -> torch.Tensor:
+    """Zero-pad right and bottom to a multiple of the patch (zero is the mean colour after
+    normalisation), or refuse when `config.pad_to_patch_multiple` is off."""
+    height, width = pixel_values.shape[-2:]
+    pad_h, pad_w = -height % patch_size[0], -width % patch_size[1]
+    if not (pad_h or pad_w):
+        return pixel_values
+    if not config.pad_to_patch_multiple:
+        raise ValueError(
+            f"input size {height}x{width} is not a multiple of the patch size {patch_size[0]}x{patch_size[1]} "
+            f"of ViT backbone {config.backbone!r}: resize or crop it to a multiple, or set "
+            "CPSConfig.pad_to_patch_multiple=True to pad inside the model"
+        )
+    return F.pad(pixel_values, (0, pad_w, 0, pad_h))
+
+
+class CPSViTNeck(nn.Module):
+    """Tapped ViT token maps (all at the patch stride) -> DeepLabv3+'s two inputs.
+
+    Low level: the earliest tap, upsampled 4x by two stride-2 transposed convs (a simple feature
+    pyramid's finest level; stride 3.5 for patch 14, which is fine: the decoder resizes the context
+    to it and the logits are resized to the input). Context: every tap concatenated and fused by a
+    1x1 conv, at the patch stride, for the ASPP. New weights, so part of the head: each CPS network
+    initialises its own.
+    """
+
+    def __init__(self, config: CPSConfig, embed_dim: int, num_taps: int):
+        super().__init__()
+        bn = dict(eps=config.norm_eps, momentum=config.norm_momentum)
+        half, quarter = max(embed_dim // 2, 1), max(embed_dim // 4, 1)
+        self.low_level_channels, self.context_channels = quarter, embed_dim
+        self.upsample = nn.Sequential(
+            nn.ConvTranspose2d(embed_dim, half, 2, stride=2, bias=False),
+            nn.BatchNorm2d(half, **bn),
+            nn.ReLU(inplace=True),
+            nn.ConvTranspose2d(half, quarter, 2, stride=2, bias=False),
+            nn.BatchNorm2d(quarter, **bn),
+            nn.ReLU(inplace=True),
+        )
+        self.fuse = nn.Sequential(
+            nn.Conv2d(embed_dim * num_taps, embed_dim, 1, bias=False),
+            nn.BatchNorm2d(embed_dim, **bn),
+            nn.ReLU(inplace=True),
+        )
+        for layer in self.modules():  # transformers initialises leaf by leaf: tag the neck's leaves
+            layer._cps_head_layer = True
+
+    def forward(self, taps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.upsample(taps[0]), self.fuse(torch.cat(list(taps), dim=1))
+
+
+# ---------------------------------------------------------------------------------------------
 # Head blocks
 # ---------------------------------------------------------------------------------------------
 
@@ -151,11 +329,22 @@ class CPSASPP(nn.Module):
         self.act = nn.LeakyReLU(0.01)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        self._check_pool_batch(features)
         out = torch.cat([branch(features) for branch in self.branches], dim=1)
         out = self.reduce(self.act(self.branches_norm(out)))
         pooled = F.adaptive_avg_pool2d(features, 1)
         pooled = self.pool_reduce(self.act(self.pool_norm(self.pool_conv(pooled))))
         return self.act(self.out_norm(out + pooled))
+
+    def _check_pool_batch(self, features: torch.Tensor) -> None:
+        """The pooling branch's BatchNorm sees one value per channel and image; with one image torch
+        fails with a cryptic message. SyncBatchNorm (not a BatchNorm2d) pools images over processes."""
+        if self.training and features.shape[0] == 1 and isinstance(self.pool_norm, nn.BatchNorm2d):
+            raise ValueError(
+                "the ASPP image-pooling BatchNorm needs at least 2 images per device in each forward pass in "
+                "training (it normalises one 1x1 map per image), got 1: use per_device_train_batch_size >= 2, "
+                "or SyncBatchNorm on multi-GPU runs, or put the model in eval mode"
+            )
 
 
 class CPSDecoder(nn.Module):
@@ -216,7 +405,8 @@ class CPSPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """Initialise the head only, as the original: kaiming-normal (fan_in, relu) convs, BN 1/0.
+        """Initialise the head (and a ViT's neck) only, as the original: kaiming-normal (fan_in, relu)
+        convs, BN 1/0.
 
         The backbone is left alone: timm has initialised it (or pretrained weights are loaded into
         it later), and transformers' generic init would wipe its weights and BN statistics.
@@ -229,6 +419,13 @@ class CPSPreTrainedModel(PreTrainedModel):
             if module.bias is not None:
                 bound = 1.0 / (module.weight[0].numel() ** 0.5)
                 init.uniform_(module.bias, -bound, bound)
+        elif isinstance(module, nn.ConvTranspose2d):
+            # Kaiming (relu) over the inputs that really reach one output pixel: in_channels x
+            # ceil(kernel / stride) per side. torch's fan_in reads the wrong weight axis here.
+            reach = math.prod(math.ceil(k / s) for k, s in zip(module.kernel_size, module.stride))
+            init.normal_(module.weight, mean=0.0, std=(2.0 / (module.in_channels * reach)) ** 0.5)
+            if module.bias is not None:
+                init.zeros_(module.bias)
         elif isinstance(module, nn.BatchNorm2d):
             init.ones_(module.weight)
             init.zeros_(module.bias)
@@ -242,14 +439,50 @@ class CPSPreTrainedModel(PreTrainedModel):
 # ---------------------------------------------------------------------------------------------
 
 
+def _in_backward() -> bool:
+    """True while autograd's engine runs, e.g. when gradient checkpointing recomputes a forward."""
+    graph_task_id = getattr(torch._C, "_current_graph_task_id", None)  # private, stable since torch 1.x
+    return graph_task_id is not None and graph_task_id() != -1
+
+
+def _swap_in_scratch_statistics(module: nn.Module, args) -> None:
+    """Forward pre-hook: a checkpointed BatchNorm recomputed in backward would update its running
+    statistics a second time with the same batch; let it update scratch copies instead."""
+    if module.training and module.track_running_stats and _in_backward():
+        names = ("running_mean", "running_var", "num_batches_tracked")
+        module._cps_kept_statistics = {name: module._buffers[name] for name in names}
+        for name in names:
+            module._buffers[name] = module._buffers[name].clone()
+
+
+def _restore_statistics(module: nn.Module, args, output) -> None:
+    """Forward hook: put the real running statistics back (no in-place write, nothing saved is touched)."""
+    kept = module.__dict__.pop("_cps_kept_statistics", None)
+    if kept:
+        module._buffers.update(kept)
+
+
 class CPSForSemanticSegmentation(CPSPreTrainedModel):
-    """DeepLabv3+ on a timm backbone; `logits` come back at the input resolution."""
+    """DeepLabv3+ on a timm backbone; `logits` come back at the input resolution.
+
+    CNN backbones feed their stride-4 and last levels to the head. A plain ViT (DINOv2, ...) feeds
+    its tapped blocks to `neck` (None for CNNs, so their state dict has no `neck.` keys), which
+    makes those two inputs; the input is padded to a multiple of the patch and the logits cropped.
+    """
 
     def __init__(self, config: CPSConfig):
         super().__init__(config)
+        vit = plain_vit_facts(config)
         self.backbone = create_backbone(config)
-        low_in, high_in = self.backbone.feature_info.channels()[-2:]
+        if vit is None:
+            self.neck, self.vit_taps, self.patch_size = None, None, None
+            low_in, high_in = self.backbone.feature_info.channels()[-2:]
+        else:
+            self.vit_taps, self.patch_size = vit_tap_indices(config, vit.depth), vit.patch_size
+            self.neck = CPSViTNeck(config, vit.embed_dim, len(self.vit_taps))
+            low_in, high_in = self.neck.low_level_channels, self.neck.context_channels
         self.decode_head = CPSDeepLabV3PlusHead(config, low_in, high_in)
+        self._backbone_frozen, self._backbone_checkpointing, self._recompute_hooks = False, False, []
         self.post_init()
 
     def load_pretrained_backbone(self, source: str | os.PathLike | bool = True) -> "CPSForSemanticSegmentation":
@@ -279,8 +512,13 @@ class CPSForSemanticSegmentation(CPSPreTrainedModel):
             Ground-truth class indices; `config.semantic_loss_ignore_index` marks pixels to ignore.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        low_level, high_level = self.backbone(pixel_values)
-        logits = self.decode_head(low_level, high_level)
+        if self.neck is None:
+            with self._checkpointing_context():
+                low_level, high_level = self.backbone(pixel_values)
+            logits = self.decode_head(low_level, high_level)
+            hidden_states = (low_level, high_level)
+        else:
+            logits, hidden_states = self._vit_logits(pixel_values)
         logits = F.interpolate(
             logits, size=pixel_values.shape[-2:], mode="bilinear", align_corners=self.config.align_corners
         )
@@ -289,11 +527,92 @@ class CPSForSemanticSegmentation(CPSPreTrainedModel):
         if labels is not None:
             loss = F.cross_entropy(logits, labels.long(), ignore_index=self.config.semantic_loss_ignore_index)
 
-        hidden_states = (low_level, high_level) if output_hidden_states else None
+        hidden_states = hidden_states if output_hidden_states else None
         if not return_dict:
             output = (logits,) + ((hidden_states,) if hidden_states is not None else ())
             return ((loss,) + output) if loss is not None else output
         return SemanticSegmenterOutput(loss=loss, logits=logits, hidden_states=hidden_states)
+
+    def _vit_logits(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Logits of a plain-ViT model at the input size (padding cropped off) and the tapped maps.
+
+        The logits are resized to the padded size before cropping, so each logit stays on its pixel.
+        """
+        height, width = pixel_values.shape[-2:]
+        padded = pad_to_patch_multiple(pixel_values, self.patch_size, self.config)
+        with self._checkpointing_context():
+            taps = self.backbone.forward_intermediates(
+                padded, indices=self.vit_taps, norm=True, intermediates_only=True, output_fmt="NCHW"
+            )
+        logits = self.decode_head(*self.neck(taps))
+        if padded.shape[-2:] != pixel_values.shape[-2:]:
+            logits = F.interpolate(logits, size=padded.shape[-2:], mode="bilinear",
+                                   align_corners=self.config.align_corners)[..., :height, :width]
+        return logits, tuple(taps)
+
+    # -- training helpers: memory, frozen backbones, parameter counts -----------------------------
+
+    def _checkpointing_context(self):
+        """With backbone checkpointing on, recompute whole stages: torch's early stop would end a
+        recomputation inside a module, before the hook that gives a BatchNorm its statistics back."""
+        if not self._backbone_checkpointing:
+            return contextlib.nullcontext()
+        self._hook_backbone_norms()
+        return torch.utils.checkpoint.set_checkpoint_early_stop(False)
+
+    def _hook_backbone_norms(self) -> None:
+        """Give every backbone BatchNorm the recompute hooks, including norms swapped in after
+        checkpointing was enabled (SyncBatchNorm conversion builds new modules)."""
+        for module in self.backbone.modules():
+            hooked = "_cps_recompute_hooked" in module.__dict__
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and not hooked:
+                module._cps_recompute_hooked = True
+                self._recompute_hooks += [module.register_forward_pre_hook(_swap_in_scratch_statistics),
+                                          module.register_forward_hook(_restore_statistics)]
+
+    def set_backbone_gradient_checkpointing(self, enable: bool = True) -> None:
+        """Recompute backbone activations in backward instead of storing them (timm's
+        `set_grad_checkpointing`: block by block for ViTs, stage by stage for features_only CNNs).
+
+        Gradients are unchanged. The backbone's BatchNorms update their running statistics once per
+        forward, not again when a checkpointed stage is recomputed (torch would do both); hooks that
+        see to it are attached at each forward, so converting to SyncBatchNorm afterwards is fine.
+        """
+        try:
+            self.backbone.set_grad_checkpointing(enable)
+        except (AttributeError, AssertionError) as error:  # timm's HRNet asserts; others lack the method
+            raise ValueError(
+                f"backbone {self.config.backbone!r} does not support gradient checkpointing in timm ({error})"
+            ) from None
+        self._backbone_checkpointing = enable
+        for handle in self._recompute_hooks:
+            handle.remove()
+        self._recompute_hooks = []
+        for module in self.backbone.modules():
+            module.__dict__.pop("_cps_recompute_hooked", None)
+
+    def freeze_backbone(self, frozen: bool = True) -> "CPSForSemanticSegmentation":
+        """Train the neck and head only: backbone parameters stop requiring gradients and the backbone
+        stays in eval mode through `train()`, so its BatchNorm statistics do not move either.
+        `frozen=False` undoes it (the backbone then follows `train()` again)."""
+        self._backbone_frozen = frozen
+        self.backbone.requires_grad_(not frozen)
+        return self.train(self.training)
+
+    def train(self, mode: bool = True) -> "CPSForSemanticSegmentation":
+        super().train(mode)
+        if getattr(self, "_backbone_frozen", False):
+            self.backbone.eval()
+        return self
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameter counts for logs: backbone, head (neck + decode head), trainable, total."""
+        def count(parameters) -> int:
+            return sum(parameter.numel() for parameter in parameters)
+
+        head = list(self.decode_head.parameters()) + (list(self.neck.parameters()) if self.neck is not None else [])
+        return {"backbone": count(self.backbone.parameters()), "head": count(head),
+                "trainable": count(p for p in self.parameters() if p.requires_grad), "total": count(self.parameters())}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,4 +704,5 @@ class CPSEnsembleForSemanticSegmentation(CPSPreTrainedModel):
         return SemanticSegmenterOutput(loss=loss, logits=logits, hidden_states=hidden_states)
 
 
-__all__ = ["CPSPreTrainedModel", "CPSForSemanticSegmentation", "CPSEnsembleForSemanticSegmentation", "create_backbone"]
+__all__ = ["CPSPreTrainedModel", "CPSForSemanticSegmentation", "CPSEnsembleForSemanticSegmentation", "create_backbone",
+           "plain_vit_facts"]

@@ -31,13 +31,13 @@ from .modeling_cps import CPSForSemanticSegmentation, create_backbone
 logger = logging.getLogger(__name__)
 
 HUB_PROBE_TIMEOUT_S = 5.0
-CPS_PREFIXES = ("backbone.", "decode_head.")  # keys of a cps_hf model file (export or accelerate checkpoint)
+CPS_PREFIXES = ("backbone.", "neck.", "decode_head.")  # keys of a cps_hf model file (export or checkpoint)
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / torch.compile wrappers in accelerate checkpoints
 CLASSIFIER_KEY = "decode_head.classifier.weight"
 # Config fields that change the networks' tensors (the rest only label or initialise them).
 ARCHITECTURE_FIELDS = ("backbone", "output_stride", "multi_grid", "aspp_rates", "aspp_channels",
                        "decoder_channels", "low_level_channels", "backbone_out_indices", "backbone_kwargs",
-                       "num_labels")
+                       "vit_feature_indices", "num_labels")
 
 
 class WeightsMismatchError(UserInputError, ValueError):
@@ -233,10 +233,11 @@ def _load_cps_backbone(model: CPSForSemanticSegmentation, state_dict: dict, path
             f"tensors (trained with another --backbone?): pass a checkpoint of {name!r}, 'timm' or 'none'"
         )
     model.backbone.load_state_dict(fits, strict=False)
-    heads = sum(key.startswith("decode_head.") for key in state_dict)
+    heads = sum(key.startswith(("neck.", "decode_head.")) for key in state_dict)
     if heads:
+        head = "neck and decode_head" if any(key.startswith("neck.") for key in state_dict) else "decode_head"
         warnings.warn(
-            f"{label} is a cps_hf model: took its backbone only; its decode_head ({heads} tensors) is not "
+            f"{label} is a cps_hf model: took its backbone only; its {head} ({heads} tensors) is not "
             f"loaded. To start from the whole network use --init_from {Path(path).parent}", stacklevel=4,
         )
     kept = [key for key in names if key not in fits]
