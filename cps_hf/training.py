@@ -40,7 +40,22 @@ def model_config_from_args(args, class_names: list[str], ignore_index: int = 255
         semantic_loss_ignore_index=ignore_index,
         # What the trainer evaluates with; scripts/evaluate_cps.py uses it by default.
         eval_protocol=make_eval_protocol(args.eval_mode, args.eval_crop_size or args.crop_size, args.eval_stride),
+        **encoder_options(args),
     )
+
+
+def encoder_options(args) -> dict:
+    """CPSConfig fields of the encoder recipe, given only when set, so that the config of a run
+    without them is exactly what it was before they existed."""
+    options = {}
+    backbone_kwargs = dict(args.backbone_kwargs or {})
+    if args.drop_path_rate > 0:
+        backbone_kwargs["drop_path_rate"] = args.drop_path_rate
+    if backbone_kwargs:
+        options["backbone_kwargs"] = backbone_kwargs
+    if args.vit_feature_indices is not None:
+        options["vit_feature_indices"] = list(args.vit_feature_indices)
+    return options
 
 
 def per_device_batch_size(global_batch_size: int, num_processes: int, accumulation_steps: int) -> int:
@@ -106,9 +121,38 @@ def freeze_unreachable_parameters(network: nn.Module, size: int = 64) -> list[st
     return unreachable
 
 
+def apply_backbone_options(networks: list[nn.Module], args) -> None:
+    """--freeze_backbone and --gradient_checkpointing, on every network (the model implements both)."""
+    for network in networks:
+        if args.freeze_backbone:
+            network.freeze_backbone()  # no gradient, eval mode: weights and BN statistics stay as loaded
+        if args.gradient_checkpointing:
+            try:
+                network.set_backbone_gradient_checkpointing(True)
+            except ValueError as error:  # an encoder timm cannot checkpoint: the user's flag, one line
+                raise ConfigError(f"--gradient_checkpointing: {error}") from None
+
+
+def parameter_count_lines(networks: list[nn.Module], names: list[str]) -> list[str]:
+    """One log line per distinct parameter count (backbone, head, trainable; the model's
+    `parameter_counts`): the networks of a CPS run share one architecture, so usually one line."""
+    lines: dict[tuple, list[str]] = {}
+    for network, name in zip(networks, names):
+        lines.setdefault(tuple(network.parameter_counts().items()), []).append(name)
+    return [
+        f"{', '.join(members)}: " + ", ".join(f"{key} {value / 1e6:.2f}M" for key, value in counts) + " parameters"
+        for counts, members in lines.items()
+    ]
+
+
+def uses_sync_batchnorm(accelerator) -> bool:
+    """SyncBN on multi-GPU runs only (it raises on CPU)."""
+    return accelerator.num_processes > 1 and accelerator.device.type == "cuda"
+
+
 def maybe_convert_sync_batchnorm(networks: list[nn.Module], accelerator) -> list[nn.Module]:
     """SyncBN on multi-GPU runs only (it raises on CPU); timm's converter keeps its fused BN+act layers."""
-    if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
+    if uses_sync_batchnorm(accelerator):
         from timm.layers import convert_sync_batchnorm
 
         return [convert_sync_batchnorm(network) for network in networks]
@@ -311,3 +355,18 @@ def check_run_settings(args, accelerator, num_labeled: int) -> None:
             f"process(es) asks for {per_step} labeled images per step, but the labeled set has {num_labeled}: "
             "every batch would repeat labeled images; lower the batch size or label more images (--labeled)"
         )
+    if args.per_device_train_batch_size == 1 and not uses_sync_batchnorm(accelerator):
+        # Every method forwards the labeled batch on its own; the ASPP image-pooling branch then
+        # normalises one 1x1 value per channel, which BatchNorm cannot do in training mode.
+        source = (f"--global_batch_size {args.global_batch_size} gives 1 labeled image per device and micro-batch"
+                  if args.global_batch_size else "--per_device_train_batch_size 1")
+        raise ConfigError(
+            f"{source}: the DeepLabv3+ head's image-pooling BatchNorm cannot train on one image per device without "
+            "SyncBN (only multi-GPU runs use it); use a per-device batch of at least 2"
+        )
+
+
+def check_schedule(args, max_train_steps: int) -> None:
+    """The warm-up must end before training does (known once the steps per epoch are)."""
+    if args.warmup_steps >= max_train_steps:
+        raise ConfigError(f"--warmup_steps {args.warmup_steps} must be below the run's {max_train_steps} training steps")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -75,6 +76,29 @@ class CPSTrainingConfig:
     aspp_channels: int = field(default=256, metadata={"help": "Channels of each ASPP branch and of its output."})
     decoder_channels: int = field(default=256, metadata={"help": "Channels of the two 3x3 decoder convs."})
     low_level_channels: int = field(default=48, metadata={"help": "Channels the stride-4 features are projected to."})
+    backbone_kwargs: dict | str | None = field(
+        default=None,
+        metadata={"help": "Extra timm.create_model arguments for the encoder: a mapping in YAML, a JSON object on the "
+                  "command line, e.g. '{\"depth\": 2, \"embed_dim\": 48, \"num_heads\": 2}'. Saved in the model's "
+                  "config (backbone_kwargs)."},
+    )
+    drop_path_rate: float = field(
+        default=0.0,
+        metadata={"help": "Stochastic depth of the encoder (timm drop_path_rate); recorded in backbone_kwargs only "
+                  "when > 0. 0: off, as the paper."},
+    )
+    vit_feature_indices: list[int] | None = field(
+        default=None,
+        metadata={"help": "ViT encoders: the blocks whose outputs the neck taps; unset: automatic."},
+    )
+    freeze_backbone: bool = field(
+        default=False,
+        metadata={"help": "Train the head only: the encoder's weights get no gradient and it stays in eval mode "
+                  "(its BatchNorm statistics do not move)."},
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute the encoder's activations in the backward pass (less memory, slower)."}
+    )
 
     # ---- method ----------------------------------------------------------------------------
     method: Literal[
@@ -126,10 +150,38 @@ class CPSTrainingConfig:
     # ---- optimisation ----------------------------------------------------------------------
     per_device_train_batch_size: int = field(default=8, metadata={"help": "Labeled images per device per step (the same number of unlabeled images)."})
     global_batch_size: int | None = field(default=None, metadata={"help": "If set, per-device batch = this / (processes x accumulation): the paper's 8 on any number of GPUs."})
-    learning_rate: float = field(default=0.0025, metadata={"help": "Base learning rate (SGD), decayed by the poly schedule."})
-    momentum: float = field(default=0.9, metadata={"help": "SGD momentum."})
-    weight_decay: float = field(default=1e-4, metadata={"help": "Weight decay (not applied to BatchNorm and biases)."})
+    optimizer: Literal["sgd", "adamw"] = field(
+        default="sgd", metadata={"help": "sgd (the paper's, with --momentum) or adamw (decoupled weight decay, --adam_betas)."}
+    )
+    learning_rate: float = field(
+        default=0.0025,
+        metadata={"help": "Base learning rate: the encoder's (the head's is x --head_lr_multiplier), decayed by the "
+                  "poly schedule."},
+    )
+    head_lr_multiplier: float = field(
+        default=1.0,
+        metadata={"help": "Learning rate of everything outside the encoder (DeepLabv3+ head, a ViT's neck) = "
+                  "learning_rate x this. 1: one LR for all, as the paper."},
+    )
+    layer_decay: float | None = field(
+        default=None,
+        metadata={"help": "Layer-wise LR decay in (0, 1] inside the encoder (timm's param_groups_layer_decay: layer i "
+                  "of L gets decay ** (L - i)); unset: off. Encoders timm cannot split into layers are refused."},
+    )
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum (unused by adamw)."})
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata={"help": "AdamW betas (beta1 beta2)."})
+    weight_decay: float = field(
+        default=1e-4,
+        metadata={"help": "Weight decay (not applied to norm layers, biases, 1-D parameters such as layer scales, nor a "
+                  "ViT's position embedding and tokens); "
+                  "decoupled under adamw."},
+    )
     lr_power: float = field(default=0.9, metadata={"help": "Poly decay power, per iteration."})
+    warmup_steps: int = field(
+        default=0,
+        metadata={"help": "Linear LR warm-up over this many optimizer steps (from 0), then the poly decay over the "
+                  "rest. 0: no warm-up, as the paper."},
+    )
     num_train_epochs: int = field(default=34, metadata={"help": "Epochs over the unlabeled set."})
     max_train_steps: int | None = field(default=None, metadata={"help": "Overrides num_train_epochs when set."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
@@ -196,9 +248,35 @@ class CPSTrainingConfig:
             raise ConfigError(f"--num_networks must be >= 2, got {self.num_networks}")
         if self.learning_rate <= 0:
             raise ConfigError(f"--learning_rate must be > 0, got {self.learning_rate}")
-        for name in ("momentum", "weight_decay", "skip_nonfinite_steps", "num_workers"):
+        for name in ("momentum", "weight_decay", "skip_nonfinite_steps", "num_workers", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        self._check_recipe()
+
+    def _check_recipe(self) -> None:
+        """The encoder-recipe options (optimizer, LR split, warm-up, encoder kwargs): refused by flag name."""
+        if self.head_lr_multiplier <= 0:
+            raise ConfigError(f"--head_lr_multiplier must be > 0, got {self.head_lr_multiplier}")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise ConfigError(f"--layer_decay must be in (0, 1], got {self.layer_decay}")
+        if self.layer_decay is not None and self.freeze_backbone:
+            raise ConfigError("--layer_decay has no effect with --freeze_backbone (the encoder is not trained); drop one")
+        if len(self.adam_betas) != 2 or not all(0 <= beta < 1 for beta in self.adam_betas):
+            raise ConfigError(f"--adam_betas needs two values in [0, 1), got {list(self.adam_betas)}")
+        if self.max_train_steps is not None and self.warmup_steps >= self.max_train_steps:
+            raise ConfigError(f"--warmup_steps {self.warmup_steps} must be below the {self.max_train_steps} training steps")
+        if not 0 <= self.drop_path_rate < 1:
+            raise ConfigError(f"--drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        if isinstance(self.backbone_kwargs, str):
+            try:
+                self.backbone_kwargs = json.loads(self.backbone_kwargs)
+            except json.JSONDecodeError as error:
+                raise ConfigError(f"--backbone_kwargs is not valid JSON ({error}): {self.backbone_kwargs!r}; "
+                                  "give an object, e.g. '{\"drop_path_rate\": 0.1}'") from None
+        if self.backbone_kwargs is not None and not isinstance(self.backbone_kwargs, dict):
+            raise ConfigError(f"--backbone_kwargs must be a JSON object / YAML mapping, got {self.backbone_kwargs!r}")
+        if self.drop_path_rate > 0 and "drop_path_rate" in (self.backbone_kwargs or {}):
+            raise ConfigError("give the drop path rate once: --drop_path_rate or backbone_kwargs' drop_path_rate, not both")
 
     def to_dict(self) -> dict:
         """Every field but the secrets: what the saved config, the trackers and the model card get."""

@@ -44,13 +44,15 @@ from cps_hf.hub import build_model_card, export_ensemble, export_model, push_mod
 from cps_hf.inference import TransformedDataset, evaluate_model  # noqa: E402
 from cps_hf.losses import OhemCrossEntropy, cross_entropy  # noqa: E402
 from cps_hf.methods import build_method  # noqa: E402
-from cps_hf.optim import build_optimizer, poly_schedule  # noqa: E402
+from cps_hf.optim import build_optimizer, learning_rates, poly_schedule  # noqa: E402
 from cps_hf.training import (  # noqa: E402
     JsonlLog,
     TrainProgress,
+    apply_backbone_options,
     broadcast_buffers_from_main,
     build_networks,
     check_run_settings,
+    check_schedule,
     checkpoint_step,
     ddp_kwargs,
     eval_scalars,
@@ -61,6 +63,7 @@ from cps_hf.training import (  # noqa: E402
     maybe_convert_sync_batchnorm,
     mean_logs,
     model_config_from_args,
+    parameter_count_lines,
     parameter_fingerprint,
     per_device_batch_size,
     prune_checkpoints,
@@ -174,6 +177,7 @@ def train(args) -> dict:
     val_set = TransformedDataset(val_set, EvalTransform(num_classes=len(bundle.class_names)))
     steps_per_epoch = math.ceil(streams.steps_per_epoch / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    check_schedule(args, max_train_steps)
     logger.info(
         f"labeled {len(bundle.labeled)}, unlabeled {_size(bundle.unlabeled)}, val {len(val_set)}; "
         f"{steps_per_epoch} steps/epoch, {max_train_steps} steps", main_process_only=True,
@@ -185,17 +189,26 @@ def train(args) -> dict:
                               init_from=args.init_from)
     method.init_networks(networks)  # e.g. a mean teacher starts as a copy of its student
     export_index = method.export_index(args.export_network)
+    apply_backbone_options(networks, args)  # --freeze_backbone, --gradient_checkpointing
     for network in networks:
         unreachable = freeze_unreachable_parameters(network)
     if unreachable:
         logger.info(f"froze {len(unreachable)} backbone parameters that never reach the logits, e.g. {unreachable[0]}")
+    num_parameters = networks[0].parameter_counts()  # network 1's, for all_results.json
+    for line in parameter_count_lines(networks[:method.trained_count], list(method.names())):
+        logger.info(line, main_process_only=True)
     networks = maybe_convert_sync_batchnorm(networks, accelerator)
 
     # ---- optimizer and scheduler -----------------------------------------------------------
     trained, followers = networks[:method.trained_count], networks[method.trained_count:]  # followers: EMA teachers
-    optimizer = build_optimizer(trained, lr=args.learning_rate, momentum=args.momentum, weight_decay=args.weight_decay)
+    optimizer = build_optimizer(
+        trained, lr=args.learning_rate, momentum=args.momentum, weight_decay=args.weight_decay,
+        optimizer=args.optimizer, head_lr_multiplier=args.head_lr_multiplier, layer_decay=args.layer_decay,
+        betas=args.adam_betas,
+    )
     # A prepared scheduler steps once per process (traps note): count steps that way.
-    scheduler = poly_schedule(optimizer, max_train_steps * accelerator.num_processes, power=args.lr_power)
+    scheduler = poly_schedule(optimizer, max_train_steps * accelerator.num_processes, power=args.lr_power,
+                              warmup_steps=args.warmup_steps * accelerator.num_processes)
 
     # ---- prepare (the data streams shard themselves: never prepared, never sharded twice) ----
     *trained, optimizer, scheduler = accelerator.prepare(*trained, optimizer, scheduler)
@@ -258,7 +271,7 @@ def train(args) -> dict:
         for micro_step in range(args.gradient_accumulation_steps):
             batch = _to_device(next(streams), accelerator.device)
             with accelerator.accumulate(*trained):
-                step_lr = optimizer.param_groups[0]["lr"]  # the LR this update uses (logged below)
+                step_lrs = learning_rates(optimizer)  # the LRs this update uses (logged below)
                 output = method(networks, batch, progress.step, rank=accelerator.process_index, micro_step=micro_step)
                 micro_logs.append(output.logs)
                 if update and not nonfinite.loss_is_finite(output.loss, output.logs, progress.step + 1):  # raises unless a skip is left
@@ -283,7 +296,7 @@ def train(args) -> dict:
             record = {
                 "step": progress.step,
                 "epoch": progress.step / max(steps_per_epoch, 1),
-                "lr": step_lr,
+                **step_lrs,
                 "images_per_second": window_images / max(elapsed, 1e-9),
                 **step_logs,
             }
@@ -334,6 +347,7 @@ def train(args) -> dict:
         "num_processes": accelerator.num_processes,
         "nonfinite_steps_skipped": progress.nonfinite_skipped,
         "parameter_fingerprint": fingerprints[0],
+        "num_parameters": num_parameters,
     }
     scalars = eval_scalars(final, bundle.class_names)
     accelerator.log(scalars, step=progress.step)
