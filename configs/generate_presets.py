@@ -205,6 +205,105 @@ def baseline_presets() -> dict[str, dict]:
     return presets
 
 
+# ---- modern encoders: DINOv2-S (UniMatch V2's recipe) and ConvNeXt-T, CPS + CutMix and supervised ----
+
+# UniMatch V2 (github.com/LiheYoung/UniMatch-V2: configs/pascal.yaml, configs/cityscapes.yaml, unimatch_v2.py,
+# supervised.py, dataset/semi.py, model/semseg/dpt.py): AdamW betas (0.9, 0.999), weight decay 0.01, encoder
+# lr 5e-6 and everything else x40, poly 0.9 per iteration, no warm-up, no drop path; the DPT head taps blocks
+# 3/6/9/12 of ViT-S; crop 518 VOC / 798 Cityscapes; 4 / 2 images per GPU on 4 GPUs; 60 / 180 epochs over the
+# unlabeled set; OHEM (0.7, 200k pixels per GPU batch) on Cityscapes, whose windows are 798 at stride 532.
+DINOV2 = dict(
+    backbone="vit_small_patch14_dinov2.lvd142m", output_stride=None, multi_grid=None, vit_feature_indices=[2, 5, 8, 11],
+    optimizer="adamw", adam_betas=[0.9, 0.999], learning_rate=5e-6, head_lr_multiplier=40.0, weight_decay=0.01,
+    warmup_steps=0, drop_path_rate=0.0, lr_power=0.9,
+)
+DINOV2_DATA = {
+    "voc": dict(crop_size=518, global_batch_size=16, num_train_epochs=60),
+    "cityscapes": dict(crop_size=798, global_batch_size=8, num_train_epochs=180, ohem_min_kept=200000,
+                       ohem_images_per_group=2, eval_crop_size=798, eval_stride=532),
+}
+DINOV2_PROTOCOLS = {"voc": ["92", "183", "366", "732", "1464"], "cityscapes": ["1-8"]}  # UniMatch's splits
+# Best val mIoU of the run in UniMatch V2's DINOv2-S logs, (labeled only, UniMatch V2):
+# training-logs/table01-pascal_{labeled_only,unimatch_v2}_<n>labels_dinov2_small.log, table02-cityscapes_..._1_8...
+UNIMATCH_V2_SMALL = {
+    ("voc", "92"): (66.98, 79.11), ("voc", "183"): (75.63, 85.57), ("voc", "366"): (81.82, 85.86),
+    ("voc", "732"): (83.69, 86.64), ("voc", "1464"): (85.56, 87.89), ("cityscapes", "1-8"): (80.22, 81.90),
+}
+# ConvNeXt-T: the ConvNeXt authors' segmentation recipe (github.com/facebookresearch/ConvNeXt,
+# semantic_segmentation/configs/convnext/upernet_convnext_tiny_512_160k_ade20k_ms.py: UperNet on ADE20K, 160k
+# iterations at batch 16): AdamW lr 1e-4, betas (0.9, 0.999), weight decay 0.05, 1500 linear warm-up iterations,
+# poly power 1.0, drop path 0.4, ImageNet-1k weights, and layer decay 0.9 stage-wise (6 layers: stem 0.9^5 = 0.59
+# ... last stage 0.9, head 1). --layer_decay numbers timm's layers per block (stem, 18 blocks, head: 20), where
+# 0.97 per block gives the same profile: stem 0.56, stage 2 0.69-0.89, last stage 0.91-0.97, head 1.
+CONVNEXT = dict(
+    backbone="convnext_tiny.fb_in1k", output_stride=16, multi_grid=None, optimizer="adamw", adam_betas=[0.9, 0.999],
+    learning_rate=1e-4, head_lr_multiplier=1.0, weight_decay=0.05, layer_decay=0.97, warmup_steps=1500, lr_power=1.0,
+    drop_path_rate=0.4,
+)
+
+
+def dinov2_preset(dataset: str, protocol: str, method: str) -> tuple[str, dict]:
+    short = "voc" if dataset == "voc" else "city"
+    base = VOC if dataset == "voc" else CITY
+    supervised_miou, unimatch_miou = UNIMATCH_V2_SMALL[(dataset, protocol)]
+    config = {**COMMON, **base, **DINOV2, **DINOV2_DATA[dataset]}
+    name = f"{short}_dinov2s_{protocol}_{method}"
+    config.update(labeled=f"unimatch/{dataset}/{protocol}", method=method, cps_weight=LAMBDA[(dataset, "cps_cutmix")],
+                  output_dir=f"outputs/{name}")
+    config.pop("momentum")
+    budget = DINOV2_DATA[dataset]
+    labels = f"{protocol} labels" if dataset == "voc" else f"{FRACTIONS[protocol]} labels"
+    expect = (f"UniMatch V2's labeled-only DINOv2-S run reached {supervised_miou} (its supervised.py: batch 2x, "
+              "3,000 samples per epoch, so fewer iterations than this preset)" if method == "supervised" else
+              f"UniMatch V2 DINOv2-S reached {unimatch_miou} with its own method (EMA teacher, 0.95 confidence, "
+              f"two strong views, complementary dropout); its labeled-only run {supervised_miou}; no published "
+              "CPS number with this encoder")
+    config["preset_note"] = (
+        f"DINOv2 ViT-S/14 ({labels}, {dataset}, UniMatch's split, = UniMatch V2's). Recipe from UniMatch V2 "
+        "(configs/, unimatch_v2.py): AdamW (0.9, 0.999), wd 0.01, encoder lr 5e-6 and neck + head x40, poly 0.9, no "
+        f"warm-up, no drop path, crop {budget['crop_size']}, global batch {budget['global_batch_size']}+"
+        f"{budget['global_batch_size']}, {budget['num_train_epochs']} epochs over the unlabeled set. Ours: "
+        f"{'supervised (labeled images only, one network)' if method == 'supervised' else 'CPS + CutMix, lambda ' + str(config['cps_weight'])}"
+        ", the DeepLabv3+ head on blocks 3/6/9/12 through a ViT neck (stride ~4 and 14) instead of their DPT "
+        "head, no output stride or multi-grid, CPS's discrete scales; "
+        + ("whole val images padded to 518 (they resize to a multiple of 14)" if dataset == "voc" else
+           "798 windows at stride 532 as theirs") + f". Expect (best val mIoU of the logs): {expect}."
+    )
+    return f"{name}.yaml", config
+
+
+def convnext_preset(method: str) -> tuple[str, dict]:
+    _, config = preset("voc", "r50", "1-8", "cps_cutmix")
+    name = f"voc_convnext-t_1-8_{method}"
+    config.update(CONVNEXT, method=method, output_dir=f"outputs/{name}")
+    config.pop("momentum")
+    ours = "supervised (labeled images only, one network)" if method == "supervised" else "CPS + CutMix, lambda 1.0"
+    config["preset_note"] = (
+        "DeepLabv3+ ConvNeXt-T (ImageNet-1k, OS16 by dilating the last stage; no multi-grid), 1/8 labels (voc, CPS "
+        "partition), " + ours + ". Recipe from the ConvNeXt authors' UperNet ADE20K config "
+        "(upernet_convnext_tiny_512_160k_ade20k_ms.py): AdamW (0.9, 0.999) lr 1e-4, wd 0.05, 1500 warm-up steps, "
+        "poly 1.0, drop path 0.4, stage-wise layer decay 0.9 (here 0.97 per timm block, the same profile: stem "
+        "~0.56, last stage ~0.9); kept as is although they trained 160k steps at batch 16 "
+        "(here CPS's 34 epochs, ~39.7k steps at batch 8+8, crop 512). No published number with this encoder: "
+        "compare with voc_r50 / voc_r101_1-8_" + method + " (paper mIoU "
+        + ("69.43 / 72.21" if method == "supervised" else "73.67 / 76.44") + ") run the same way."
+    )
+    return f"{name}.yaml", config
+
+
+def encoder_presets() -> dict[str, dict]:
+    presets = {}
+    for dataset, protocols in DINOV2_PROTOCOLS.items():
+        for protocol in protocols:
+            for method in ("cps_cutmix", "supervised"):
+                name, config = dinov2_preset(dataset, protocol, method)
+                presets[name] = config
+    for method in ("cps_cutmix", "supervised"):
+        name, config = convnext_preset(method)
+        presets[name] = config
+    return presets
+
+
 def all_presets() -> dict[str, dict]:
     presets = {}
     for dataset, archs in (("voc", ("r50", "r101")), ("cityscapes", ("r50", "r101", "hrnet"))):
@@ -217,6 +316,7 @@ def all_presets() -> dict[str, dict]:
         name, config = few_supervision(count, protocol)
         presets[name] = config
     presets.update(baseline_presets())
+    presets.update(encoder_presets())
     return presets
 
 
