@@ -31,6 +31,7 @@ from .partitions import split_labeled
 from .preflight import preflight_check
 from .protocols import available_protocols, get_protocol, read_id_list
 from .streams import TrainStreams
+from .study_scenes import STUDY_CLASSES, make_study_voc
 from .transforms import PAPER_SCALES, EvalTransform, TrainTransform
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "DEMO_CLASSES",
     "IGNORE_INDEX",
     "PAPER_SCALES",
+    "STUDY_CLASSES",
     "VOC_CLASSES",
     "ClassSpec",
     "DatasetBundle",
@@ -57,6 +59,7 @@ __all__ = [
     "load_image_folder",
     "load_voc",
     "make_demo_voc",
+    "make_study_voc",
     "preflight_check",
     "read_classes_json",
     "read_id_list",

@@ -1,0 +1,160 @@
+#!/usr/bin/env python
+"""Every training method on generated scenes where labels are scarce: table, plots, cost. Resumable.
+
+    python benchmarks/ssl_study.py --jobs 2          # the study: 63 runs, ~2 h on 2 idle cores
+    python benchmarks/ssl_study.py --quick           # pipeline check: every method, 40 steps, < 10 min
+    python benchmarks/ssl_study.py --report-only     # tables and figures again from the finished runs
+
+What runs. The data is `cps_hf.data.study_scenes` (8 classes + background: colour family x tone,
+appearance modes of unequal frequency, 10:1 class imbalance, distractors; its docstring says why it
+is hard and why unlabeled images help), written once to <runs-dir>/data: 800 training images
+(seed 0) and 200 validation images (seed 1000, the same generator). Every method in `VARIANTS`
+trains at each label fraction (1/16: 50 labeled images, 1/4: 200) with seeds 0 1 2, plus a
+supervised run on all 800 labels per seed as the ceiling. A seed picks the labeled subset, the
+initialisation and the data order, and is shared by every method, so a method and supervised
+differ only in the method at a given seed (paired comparison). Everything else is equal for all
+runs: network, steps, labeled batch, learning rate, lambda (`SETTINGS`). Each run is one
+`scripts/train_cps.py` process with one torch thread, in <runs-dir>/<fraction>/<variant>_seed<k>/
+(compare_methods.py's layout, one level per fraction); the score is the final weights' mIoU on
+the 200 validation images (not the best evaluation, which would select on the validation set).
+
+Cost. Seconds per training step come from the trainer's log (images_per_second over the logging
+windows, evaluation and checkpoints excluded); peak memory is the run process's maximum resident
+set size (os.wait4). Both are reported as ratios to supervised. With --jobs 2 two runs share the
+machine, so absolute times are those of a busy machine; the ratios are what to read.
+
+Budget (measured on the 2-core machine, one torch thread, other jobs running): at 64 px, batch 8,
+timm `test_resnet` (a 0.66 M-parameter ResNet, one basic block per stage), a supervised run of the
+full setting took 67 s (0.091 s/step) and a CPS run 195 s (0.354 s/step); `--quick` measured the
+ten methods' step costs at 1.0 (supervised), 2.1 (mean teacher), 3.0 (+ CutMix), 1.8 (SPS), 2.4
+(+ CutMix), 3.5 (CPC), 4.3 (CPS), 4.2 (CPS + CutMix), 5.5 (n-CPS), 4.7 (threshold) supervised
+steps: 32 per fraction and seed. 6 x 32.3 x 500 steps x 0.091 s + 3 ceiling runs + ~20 s of
+start-up and evaluation for each of the 63 runs = ~2.8 h of one core: about 1 h 25 min with
+--jobs 2 on 2 idle cores, 1 h 45 min if two runs slow each other by 20 %. `--quick` took 4.5 min
+with --jobs 1 next to other jobs (5 min at load 4), results identical between runs.
+Why such a small network: a random-init ResNet-18 step costs ~5x more, which leaves ~100 steps
+per run in the same time, and nothing learns these scenes in 100 steps from scratch. In 500 steps
+the study network reaches 86.9 % mIoU with all 800 labels, 71.1 % with 1/16 (seed 0).
+
+Resuming. A run folder with all_results.json is finished and reused (after checking that it was
+made with the same settings: its study_run.json records the trainer flags; a mismatch stops the
+study rather than mixing settings). An unfinished run restarts from its last complete step_N
+checkpoint (`--resume_from_checkpoint latest`), or from scratch when it has none. Interrupt the
+study any time and run the same command again. Delete a folder to rerun it.
+
+Outputs (<docs-dir>, docs/study/ for the full setting): results.md (mean, spread, every seed,
+paired differences, per-class IoU changes, cost), summary.md (the README's "Does CPS help?"
+section, between markers; `--readme-fragment` prints it, `--update-readme README.md` replaces the
+marked block there), miou_vs_labels.png, predictions.png (image, ground truth and several methods'
+predictions on validation images picked by a fixed rule) and study.json (every number, every
+command). Each names the command that made it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # its parts, ssl_study_parts/, lie beside it;
+    sys.path.append(str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
+
+from cps_hf.cli import run_cli  # noqa: E402
+from cps_hf.errors import UserInputError  # noqa: E402
+from ssl_study_parts import REPO, say  # noqa: E402
+from ssl_study_parts.markdown import update_readme  # noqa: E402
+from ssl_study_parts.report import report  # noqa: E402
+from ssl_study_parts.runner import check_identity, ensure_data, plan_runs, read_record, train_all  # noqa: E402
+from ssl_study_parts.settings import SETTINGS, VARIANTS, fraction_value  # noqa: E402
+
+
+def study_command(args, report: bool) -> str:
+    """The command that makes (or, `report`, re-renders) this study: setting and overrides, no --jobs
+    for a report (--jobs changes the wall time only, never a result)."""
+    parts = ["python benchmarks/ssl_study.py"]
+    if args.setting == "quick":
+        parts.append("--quick")
+    elif args.setting != "full":
+        parts.append(f"--setting {args.setting}")
+    for key in ("methods", "seeds", "fractions"):
+        if getattr(args, key):
+            parts.append(f"--{key} " + " ".join(str(v) for v in getattr(args, key)))
+    for key in ("runs_dir", "docs_dir"):
+        if getattr(args, key):
+            parts.append(f"--{key.replace('_', '-')} {getattr(args, key)}")
+    parts.append("--report-only" if report else "--jobs 2")
+    return " ".join(parts)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--setting", choices=sorted(SETTINGS), default="full")
+    parser.add_argument("--quick", action="store_true", help="same as --setting quick: checks the pipeline in minutes")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs in parallel, one torch thread each (2 on 2 idle cores)")
+    parser.add_argument("--methods", nargs="+", choices=list(VARIANTS), help="a subset of the setting's methods")
+    parser.add_argument("--seeds", nargs="+", type=int, help="instead of the setting's seeds")
+    parser.add_argument("--fractions", nargs="+", help="instead of the setting's label fractions, e.g. 1/8")
+    parser.add_argument("--runs-dir", help="run folders and the generated data (default: the setting's)")
+    parser.add_argument("--docs-dir", help="where the report goes (default: docs/study for the full setting)")
+    parser.add_argument("--report-only", action="store_true", help="train nothing; report on the finished runs")
+    parser.add_argument("--readme-fragment", action="store_true",
+                        help="print summary.md (the README section) at the end")
+    parser.add_argument("--update-readme", metavar="README", help="replace the marked summary block in this file")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.setting = "quick"
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    setting = json.loads(json.dumps(SETTINGS[args.setting]))  # a copy the overrides may change
+    for key in ("methods", "seeds", "fractions"):
+        if getattr(args, key):
+            setting[key] = getattr(args, key)
+    for fraction in setting["fractions"]:
+        try:
+            assert 0 < fraction_value(fraction) <= 1
+        except (ValueError, AssertionError, ZeroDivisionError):
+            raise UserInputError(f"--fractions {fraction}: give fractions such as 1/16") from None
+    if "supervised" not in setting["methods"]:
+        setting["methods"] = ["supervised", *setting["methods"]]  # every comparison is against it
+    runs_dir = Path(args.runs_dir or REPO / setting["runs_dir"]).resolve()
+    docs_dir = Path(args.docs_dir or REPO / setting["docs_dir"]).resolve()
+    data_root = runs_dir / "data"
+    commands = {"setting": args.setting, "study": study_command(args, report=False),
+                "report": study_command(args, report=True),
+                "invoked": " ".join(["python benchmarks/ssl_study.py", *argv])}
+    try:
+        docs_link = os.path.relpath(docs_dir, REPO)
+    except ValueError:
+        docs_link = str(docs_dir)
+    ensure_data(data_root, setting["data"])
+    runs = plan_runs(setting, runs_dir, data_root)
+    failed = []
+    if not args.report_only:
+        start = time.perf_counter()
+        failed = train_all(runs, args.jobs)
+        say(f"training finished in {time.perf_counter() - start:.0f} s; {len(failed)} run(s) failed")
+    else:
+        for run in runs:
+            check_identity(run, read_record(run.folder))
+    report(runs, setting, args.setting, docs_dir, data_root, commands, docs_link)
+    fragment = (docs_dir / "summary.md").read_text()
+    if args.update_readme:
+        update_readme(Path(args.update_readme), fragment)
+        say(f"replaced the summary block in {args.update_readme}")
+    if args.readme_fragment:
+        print(fragment)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
