@@ -119,6 +119,26 @@ def _voc_border(label: np.ndarray) -> np.ndarray:
     return bordered
 
 
+def write_voc_sample(folders: dict, sample_id: str, image: np.ndarray, label: np.ndarray, palette: list[int]) -> None:
+    """One scene in VOC's layout: the JPEG, the palette PNG with VOC's ignore border, and the plain
+    SegmentationClassAug PNG (what the trainer reads)."""
+    cv2.imwrite(str(folders["JPEGImages"] / f"{sample_id}.jpg"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
+                [cv2.IMWRITE_JPEG_QUALITY, 95])
+    bordered = Image.fromarray(_voc_border(label), mode="P")
+    bordered.putpalette(palette)
+    bordered.save(folders["SegmentationClass"] / f"{sample_id}.png")
+    Image.fromarray(label, mode="L").save(folders["SegmentationClassAug"] / f"{sample_id}.png")
+
+
+def write_voc_image_sets(voc: Path, ids: dict[str, list[str]]) -> None:
+    """VOC's split lists for `ids["train"]` and `ids["val"]` (train_aug = train)."""
+    sets = voc / "ImageSets"
+    (sets / "Segmentation" / "train.txt").write_text("\n".join(ids["train"]) + "\n")
+    (sets / "Segmentation" / "val.txt").write_text("\n".join(ids["val"]) + "\n")
+    (sets / "Segmentation" / "trainval.txt").write_text("\n".join(ids["train"] + ids["val"]) + "\n")
+    (sets / "SegmentationAug" / "train_aug.txt").write_text("\n".join(ids["train"]) + "\n")
+
+
 def make_demo_voc(
     root: str | Path,
     num_train: int = 400,
@@ -145,17 +165,8 @@ def make_demo_voc(
         for sample_id in split_ids:
             height, width = (int(v) for v in rng.integers(low, high + 1, size=2))
             image, label = make_scene(rng, height, width)
-            cv2.imwrite(str(folders["JPEGImages"] / f"{sample_id}.jpg"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
-                        [cv2.IMWRITE_JPEG_QUALITY, 95])
-            bordered = Image.fromarray(_voc_border(label), mode="P")
-            bordered.putpalette(palette)
-            bordered.save(folders["SegmentationClass"] / f"{sample_id}.png")
-            Image.fromarray(label, mode="L").save(folders["SegmentationClassAug"] / f"{sample_id}.png")
-    sets = voc / "ImageSets"
-    (sets / "Segmentation" / "train.txt").write_text("\n".join(ids["train"]) + "\n")
-    (sets / "Segmentation" / "val.txt").write_text("\n".join(ids["val"]) + "\n")
-    (sets / "Segmentation" / "trainval.txt").write_text("\n".join(ids["train"] + ids["val"]) + "\n")
-    (sets / "SegmentationAug" / "train_aug.txt").write_text("\n".join(ids["train"]) + "\n")
+            write_voc_sample(folders, sample_id, image, label, palette)
+    write_voc_image_sets(voc, ids)
     classes = {"classes": DEMO_CLASSES, "ignore_index": IGNORE_INDEX, "palette": palette[: 3 * len(DEMO_CLASSES)]}
     (voc / "classes.json").write_text(json.dumps(classes, indent=1) + "\n")
     return voc

@@ -69,10 +69,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image
 
 from .classes import IGNORE_INDEX, voc_palette
-from .demo import _hsv_to_rgb, _voc_border
+from .demo import _hsv_to_rgb, write_voc_image_sets, write_voc_sample
 
 COLOURS = ("red", "lime", "cyan", "violet")
 TONES = ("light", "dark")
@@ -260,17 +259,8 @@ def make_study_voc(
             sample_id = f"{split}_s{split_seed}_{index:05d}"
             ids[split].append(sample_id)
             scenes[split][sample_id] = objects
-            cv2.imwrite(str(folders["JPEGImages"] / f"{sample_id}.jpg"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
-                        [cv2.IMWRITE_JPEG_QUALITY, 95])
-            bordered = Image.fromarray(_voc_border(label), mode="P")
-            bordered.putpalette(palette)
-            bordered.save(folders["SegmentationClass"] / f"{sample_id}.png")
-            Image.fromarray(label, mode="L").save(folders["SegmentationClassAug"] / f"{sample_id}.png")
-    sets = voc / "ImageSets"
-    (sets / "Segmentation" / "train.txt").write_text("\n".join(ids["train"]) + "\n")
-    (sets / "Segmentation" / "val.txt").write_text("\n".join(ids["val"]) + "\n")
-    (sets / "Segmentation" / "trainval.txt").write_text("\n".join(ids["train"] + ids["val"]) + "\n")
-    (sets / "SegmentationAug" / "train_aug.txt").write_text("\n".join(ids["train"]) + "\n")
+            write_voc_sample(folders, sample_id, image, label, palette)
+    write_voc_image_sets(voc, ids)
     classes = {"classes": STUDY_CLASSES, "ignore_index": IGNORE_INDEX, "palette": study_palette()}
     (voc / "classes.json").write_text(json.dumps(classes, indent=1) + "\n")
     (voc / "scenes.json").write_text(json.dumps(scenes, indent=1) + "\n")
