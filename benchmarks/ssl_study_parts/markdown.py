@@ -33,6 +33,30 @@ def ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
+def method_rows(table: dict, cost: dict, fractions: list[str], wins_column: bool) -> list[str]:
+    """One table row per method: mean ± std and paired Δ per fraction, then cost ratios. With `wins_column`
+    (results.md) the wins get their own column and memory is shown; without (the README) the wins follow Δ in
+    brackets and only time is shown."""
+    rows = []
+    for variant in VARIANTS:
+        if not any(variant in table[f] for f in fractions):
+            continue
+        cells = ""
+        for f in fractions:
+            cell = table[f].get(variant)
+            if not cell:
+                cells += " - | - | - |" if wins_column else " - | - |"
+                continue
+            delta = cell["paired_delta"]["mean"] if cell["paired_delta"] and variant != "supervised" else None
+            shown = pct(delta, True) if delta is not None else ""
+            wins = f"{cell['wins']}/{cell['compared_seeds']}" if delta is not None else ""
+            cells += (f" {mean_spread(cell['miou'])} | {shown} | {wins} |" if wins_column
+                      else f" {mean_spread(cell['miou'])} | {shown}{f' ({wins})' if wins else ''} |")
+        entry = cost.get(variant, {})
+        rows.append(f"| {VARIANTS[variant][2]} |{cells} {ratio(entry.get('time_ratio'))} |"
+                    + (f" {ratio(entry.get('memory_ratio'))} |" if wins_column else ""))
+    return rows
+
 
 def findings(summary: dict, class_names: list[str], brief: bool = False) -> list[str]:
     """Plain statements generated from the numbers: what wins, where CPS does not, which classes move.
@@ -137,25 +161,10 @@ def results_markdown(summary: dict, setting: dict, class_names: list[str], comma
             "Mean ± standard deviation over seeds; Δ: mean paired difference to supervised (same seed, same "
             "labeled images); wins: seeds where the method is above supervised. Time and memory: per training "
             "step and peak resident memory of the run's process, as ratios to supervised.", ""]
-    header = "| method |" + "".join(f" {f} ({table[f].get('supervised', next(iter(table[f].values())))['num_labeled']} "
-                                     f"labels) | Δ | wins |" for f in fractions) + " time/step | memory |"
-    out += [header, "|---|" + "---|---|---|" * len(fractions) + "---|---|"]
-    for variant in VARIANTS:
-        if not any(variant in table[f] for f in fractions):
-            continue
-        cells = ""
-        for f in fractions:
-            cell = table[f].get(variant)
-            if not cell:
-                cells += " - | - | - |"
-                continue
-            delta = cell["paired_delta"]["mean"] if cell["paired_delta"] and variant != "supervised" else None
-            compared = variant != "supervised" and cell["compared_seeds"]
-            wins = f"{cell['wins']}/{cell['compared_seeds']}" if compared else ""
-            cells += f" {mean_spread(cell['miou'])} | {pct(delta, True) if delta is not None else ''} | {wins} |"
-        entry = cost.get(variant, {})
-        out.append(f"| {VARIANTS[variant][2]} |{cells} {ratio(entry.get('time_ratio'))} | "
-                   f"{ratio(entry.get('memory_ratio'))} |")
+    labels = {f: table[f].get("supervised", next(iter(table[f].values())))["num_labeled"] for f in fractions}
+    out += ["| method |" + "".join(f" {f} ({labels[f]} labels) | Δ | wins |" for f in fractions)
+            + " time/step | memory |", "|---|" + "---|---|---|" * len(fractions) + "---|---|"]
+    out += method_rows(table, cost, fractions, wins_column=True)
     if REFERENCE in table and "supervised" in table[REFERENCE]:
         out += ["", f"Ceiling: supervised on all {table[REFERENCE]['supervised']['num_labeled']} labels: "
                     f"{mean_spread(table[REFERENCE]['supervised']['miou'])} (seeds "
@@ -252,17 +261,7 @@ def summary_markdown(summary: dict, setting: dict, class_names: list[str], comma
         out += [f"**Incomplete**: {len(missing)} run(s) not finished.", ""]
     out += ["| method |" + "".join(f" {f} | Δ |" for f in fractions) + " time |",
             "|---|" + "---|---|" * len(fractions) + "---|"]
-    for variant in VARIANTS:
-        if not any(variant in table[f] for f in fractions):
-            continue
-        cells = ""
-        for f in fractions:
-            cell = table[f].get(variant)
-            delta = cell["paired_delta"]["mean"] if cell and cell["paired_delta"] and variant != "supervised" else None
-            wins = f" ({cell['wins']}/{cell['compared_seeds']})" if delta is not None else ""
-            shown = pct(delta, True) + wins if delta is not None else ""
-            cells += f" {mean_spread(cell['miou']) if cell else '-'} | {shown} |"
-        out.append(f"| {VARIANTS[variant][2]} |{cells} {ratio(cost.get(variant, {}).get('time_ratio'))} |")
+    out += method_rows(table, cost, fractions, wins_column=False)
     if REFERENCE in table and "supervised" in table[REFERENCE]:
         out += ["", f"All {table[REFERENCE]['supervised']['num_labeled']} images labeled, supervised: "
                     f"{mean_spread(table[REFERENCE]['supervised']['miou'])}."]
