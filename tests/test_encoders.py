@@ -27,6 +27,9 @@ from cps_hf.modeling_cps import vit_tap_indices
 from cps_hf.training import build_networks, freeze_unreachable_parameters
 from cps_hf.weights import check_checkpoint_matches, init_networks_from
 
+import tiny_models
+from tiny_models import with_running_statistics
+
 LABELS = ["background", "cat", "dog"]
 TINY_VIT = dict(depth=4, embed_dim=48, num_heads=2, img_size=56)  # DINOv2 layout, 4x4 position grid
 HEIGHT, WIDTH = 70, 51
@@ -34,33 +37,14 @@ CARD = dict(dataset_name="toy", dataset_type="folder", protocol=None, method="CP
 
 
 def tiny_config(backbone: str = "vit_small_patch14_dinov2", **overrides) -> CPSConfig:
-    fields = dict(
-        backbone=backbone,
-        backbone_kwargs=dict(TINY_VIT) if "vit_" in backbone else None,
-        num_labels=len(LABELS),
-        id2label=dict(enumerate(LABELS)),
-        label2id={name: i for i, name in enumerate(LABELS)},
-        aspp_channels=16,
-        decoder_channels=16,
-        low_level_channels=8,
-    )
-    fields.update(overrides)
-    return CPSConfig(**fields)
+    """A tiny DINOv2-layout ViT by default (TINY_VIT); a CNN name gives a tiny head on that CNN."""
+    overrides.setdefault("backbone_kwargs", dict(TINY_VIT) if "vit_" in backbone else None)
+    return tiny_models.tiny_config(LABELS, backbone, **overrides)
 
 
 def tiny_model(backbone: str = "vit_small_patch14_dinov2", seed: int = 0, **overrides) -> CPSForSemanticSegmentation:
     torch.manual_seed(seed)
     return CPSForSemanticSegmentation(tiny_config(backbone, **overrides))
-
-
-def with_running_statistics(model: CPSForSemanticSegmentation) -> CPSForSemanticSegmentation:
-    """Non-trivial BN statistics, so that a load that re-initialised them would show."""
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.running_mean.normal_()
-                module.running_var.uniform_(0.5, 1.5)
-    return model.eval()
 
 
 def image_batch(batch: int = 2, height: int = HEIGHT, width: int = WIDTH, seed: int = 1) -> torch.Tensor:

@@ -35,6 +35,8 @@ from cps_hf.errors import UserInputError
 from cps_hf.hub import export_ensemble, export_model
 from cps_hf.inference import TransformedDataset, evaluate_model, load_eval_split, predict_logits
 
+from tiny_models import tiny_config, with_running_statistics
+
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 ID2LABEL = {0: "bg", 1: "a", 2: "b"}
 CARD = dict(dataset_name="toy", dataset_type="folder", protocol="1/8", method="CPS")
@@ -42,21 +44,9 @@ EXPORTED_FILES = ["README.md", "config.json", "configuration_cps.py", "image_pro
                   "modeling_cps.py", "preprocessor_config.json"]
 
 
-def tiny_config(backbone: str = "resnet18", id2label: dict = ID2LABEL) -> CPSConfig:
-    return CPSConfig(backbone=backbone, num_labels=len(id2label), id2label=dict(id2label),
-                     label2id={name: index for index, name in id2label.items()}, aspp_channels=16,
-                     decoder_channels=16, low_level_channels=8)
-
-
 def tiny_network(seed: int, backbone: str = "resnet18", id2label: dict = ID2LABEL) -> CPSForSemanticSegmentation:
     torch.manual_seed(seed)
-    network = CPSForSemanticSegmentation(tiny_config(backbone, id2label)).eval()
-    with torch.no_grad():  # non-trivial BN statistics, so a load that re-initialised them would show
-        for module in network.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.normal_()
-                module.running_var.uniform_(0.5, 1.5)
-    return network
+    return with_running_statistics(CPSForSemanticSegmentation(tiny_config(list(id2label.values()), backbone)))
 
 
 def logits_of(model, pixel_values):

@@ -6,6 +6,7 @@ crop, evaluate_cps.py re-scored the same export padded to VOC's 512, and the two
 
 import importlib.util
 import json
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from huggingface_hub.errors import StrictDataclassClassValidationError
 from cps_hf import CPSConfig, CPSForSemanticSegmentation
 from cps_hf.data import DEMO_CLASSES, EvalTransform, make_demo_voc
 from cps_hf.hub import export_model
+import tiny_models
 from cps_hf.inference import (TransformedDataset, evaluate_model, load_eval_split, load_segmentation_model,
                               make_eval_protocol, model_eval_protocol)
 
@@ -31,10 +33,7 @@ def load_evaluate_cps():
     return module
 
 
-def tiny_config(**extra) -> CPSConfig:
-    return CPSConfig(backbone="resnet18", num_labels=len(DEMO_CLASSES), id2label=dict(enumerate(DEMO_CLASSES)),
-                     label2id={n: i for i, n in enumerate(DEMO_CLASSES)}, aspp_channels=16, decoder_channels=16,
-                     low_level_channels=8, **extra)
+tiny_config = partial(tiny_models.tiny_config, DEMO_CLASSES)
 
 
 def export_tiny(folder: Path, **extra) -> str:

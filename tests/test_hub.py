@@ -21,6 +21,7 @@ import textwrap
 import time
 import urllib.error
 import urllib.request
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +33,11 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation, pipeline
 
 import cps_hf  # noqa: F401  (registers the CPS Auto classes)
-from cps_hf import CPSConfig, CPSForSemanticSegmentation, CPSImageProcessor
+from cps_hf import CPSForSemanticSegmentation, CPSImageProcessor
 from cps_hf.hub import build_model_card, export_model, push_model
+
+import tiny_models
+from tiny_models import with_running_statistics
 
 EXPORTED_FILES = ["README.md", "config.json", "configuration_cps.py", "image_processing_cps.py", "model.safetensors",
                   "modeling_cps.py", "preprocessor_config.json"]
@@ -55,28 +59,12 @@ CARD_KWARGS = dict(
 )
 
 
-def tiny_config(backbone: str = "resnet18") -> CPSConfig:
-    return CPSConfig(
-        backbone=backbone,
-        num_labels=3,
-        id2label=ID2LABEL,
-        label2id={name: index for index, name in ID2LABEL.items()},
-        aspp_channels=32,
-        decoder_channels=32,
-        low_level_channels=8,
-    )
+tiny_config = partial(tiny_models.tiny_config, list(ID2LABEL.values()), channels=32)
 
 
 def tiny_model(backbone: str = "resnet18") -> CPSForSemanticSegmentation:
     torch.manual_seed(0)
-    model = CPSForSemanticSegmentation(tiny_config(backbone)).eval()
-    # Non-trivial BN statistics everywhere, so a load that silently re-initialised them would show.
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.normal_()
-                module.running_var.uniform_(0.5, 1.5)
-    return model
+    return with_running_statistics(CPSForSemanticSegmentation(tiny_config(backbone)))
 
 
 def logits_of(model, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,7 @@
 """The CPS network as a transformers model: architecture, init, save/load, Auto classes, pipeline."""
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
@@ -10,21 +12,9 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModelForSemanticSeg
 import cps_hf
 from cps_hf import CPSConfig, CPSForSemanticSegmentation, CPSImageProcessor
 
-LABELS = ["background", "cat", "dog"]
+import tiny_models
 
-
-def tiny_config(**overrides):
-    fields = dict(
-        backbone="resnet18",
-        num_labels=len(LABELS),
-        id2label=dict(enumerate(LABELS)),
-        label2id={name: i for i, name in enumerate(LABELS)},
-        aspp_channels=32,
-        decoder_channels=32,
-        low_level_channels=8,
-    )
-    fields.update(overrides)
-    return CPSConfig(**fields)
+tiny_config = partial(tiny_models.tiny_config, channels=32)
 
 
 def test_forward_logits_at_input_size_and_loss_ignores_255():

@@ -12,7 +12,7 @@ from accelerate import Accelerator
 from huggingface_hub import constants
 from safetensors.torch import save_file
 
-from cps_hf import CPSConfig, CPSForSemanticSegmentation
+from cps_hf import CPSForSemanticSegmentation
 from cps_hf.training import build_networks
 from cps_hf.weights import (
     WeightsMismatchError,
@@ -21,12 +21,7 @@ from cps_hf.weights import (
     init_networks_from,
 )
 
-
-def tiny_config(num_labels: int = 3, backbone: str = "resnet18") -> CPSConfig:
-    names = [f"class{i}" for i in range(num_labels)]
-    return CPSConfig(backbone=backbone, num_labels=num_labels, id2label=dict(enumerate(names)),
-                     label2id={name: i for i, name in enumerate(names)}, aspp_channels=16, decoder_channels=16,
-                     low_level_channels=8)
+from tiny_models import tiny_config
 
 
 def trained_like(state_dict: dict, seed: int = 0) -> dict:
@@ -106,10 +101,10 @@ def test_a_file_with_other_shapes_is_one_line(tmp_path, resnet18_weights):
 
 
 def test_a_cps_hf_model_file_gives_its_backbone_and_points_to_init_from(tmp_path):
-    trained = CPSForSemanticSegmentation(tiny_config(num_labels=5))
+    trained = CPSForSemanticSegmentation(tiny_config(5))
     trained.load_state_dict(trained_like(trained.state_dict()))
     trained.save_pretrained(tmp_path / "model")
-    model = CPSForSemanticSegmentation(tiny_config(num_labels=3))  # other classes: only the backbone carries over
+    model = CPSForSemanticSegmentation(tiny_config(3))  # other classes: only the backbone carries over
     with pytest.warns(UserWarning, match=r"cps_hf model: took its backbone only.*--init_from"):
         model.load_pretrained_backbone(tmp_path / "model" / "model.safetensors")
     assert same_tensors(model.backbone.state_dict(), trained.backbone.state_dict())
@@ -203,7 +198,7 @@ def test_init_from_a_checkpoint_loads_each_network(tmp_path):
 def test_init_from_refuses_other_classes_and_backbones_in_one_line(exported, tmp_path):
     folder, _ = exported
     with pytest.raises(WeightsMismatchError, match=r"has 3 classes, this run's dataset 5.*--pretrained_backbone"):
-        build_networks(tiny_config(num_labels=5), 2, init_from=str(folder))
+        build_networks(tiny_config(5), 2, init_from=str(folder))
     with pytest.raises(WeightsMismatchError, match=r"its backbone is 'resnet18', this run's is 'mobilenetv3_small"):
         build_networks(tiny_config(backbone="mobilenetv3_small_100"), 1, init_from=str(folder))
     with pytest.raises(FileNotFoundError, match=r"--init_from outputs/nowhere/model: no such file or folder"):
@@ -220,23 +215,23 @@ def test_init_from_refuses_other_classes_and_backbones_in_one_line(exported, tmp
 @pytest.fixture(scope="module")
 def checkpoint_of_5_classes(tmp_path_factory):
     folder = tmp_path_factory.mktemp("run") / "step_4"
-    save_checkpoint([CPSForSemanticSegmentation(tiny_config(num_labels=5)) for _ in range(2)], folder)
+    save_checkpoint([CPSForSemanticSegmentation(tiny_config(5)) for _ in range(2)], folder)
     return folder
 
 
 def test_check_checkpoint_matches_passes_the_same_networks(checkpoint_of_5_classes):
-    check_checkpoint_matches(checkpoint_of_5_classes, build_networks(tiny_config(num_labels=5), 2))
+    check_checkpoint_matches(checkpoint_of_5_classes, build_networks(tiny_config(5), 2))
 
 
 def test_check_checkpoint_refuses_other_classes_method_and_backbone(checkpoint_of_5_classes):
     with pytest.raises(WeightsMismatchError) as caught:
-        check_checkpoint_matches(checkpoint_of_5_classes, build_networks(tiny_config(num_labels=3), 2))
+        check_checkpoint_matches(checkpoint_of_5_classes, build_networks(tiny_config(3), 2))
     assert str(caught.value) == (
         "checkpoint step_4 was trained with 5 classes (decode_head.classifier.weight [5, 16, 1, 1]); this run has 3: "
         "use the same dataset/classes or start a new --output_dir"
     )
     with pytest.raises(WeightsMismatchError, match=r"step_4 holds 2 networks .*this run builds 1: .*--method"):
-        check_checkpoint_matches(checkpoint_of_5_classes, build_networks(tiny_config(num_labels=5), 1))
+        check_checkpoint_matches(checkpoint_of_5_classes, build_networks(tiny_config(5), 1))
     with pytest.raises(WeightsMismatchError, match=r"step_4 \(model.safetensors\) does not fit .*--backbone"):
         check_checkpoint_matches(checkpoint_of_5_classes,
-                                 build_networks(tiny_config(num_labels=5, backbone="mobilenetv3_small_100"), 2))
+                                 build_networks(tiny_config(5, backbone="mobilenetv3_small_100"), 2))
