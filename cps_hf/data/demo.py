@@ -24,7 +24,7 @@ _HUE_CENTRES = {1: 0.0, 2: 120.0, 3: 240.0}  # degrees; each class spans +-30 de
 _HUE_HALF_WIDTH = 30.0
 
 
-def _hsv_to_rgb(hue: np.ndarray, saturation: np.ndarray, value: np.ndarray) -> np.ndarray:
+def hsv_to_rgb(hue: np.ndarray, saturation: np.ndarray, value: np.ndarray) -> np.ndarray:
     """HSV (hue in degrees, s and v in [0, 1]) -> RGB float in [0, 255], elementwise."""
     h = (hue % 360.0) / 60.0
     c = value * saturation
@@ -91,7 +91,7 @@ def _paint_blob(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray, f
     value = rng.uniform(0.45, 1.0)
     texture = _pattern(rng, height, width) * rng.uniform(-0.3, 0.3)
     v_map = np.clip(value + texture, 0.15, 1.0)
-    rgb = _hsv_to_rgb(np.full((height, width), hue), np.full((height, width), saturation), v_map)
+    rgb = hsv_to_rgb(np.full((height, width), hue), np.full((height, width), saturation), v_map)
     image[mask] = rgb[mask]
 
 

@@ -71,7 +71,7 @@ import cv2
 import numpy as np
 
 from .classes import IGNORE_INDEX, voc_palette
-from .demo import _hsv_to_rgb, write_voc_image_sets, write_voc_sample
+from .demo import hsv_to_rgb, write_voc_image_sets, write_voc_sample
 
 COLOURS = ("red", "lime", "cyan", "violet")
 TONES = ("light", "dark")
@@ -135,7 +135,7 @@ def _fill(rng: np.random.Generator, kind: str, look, height: int, width: int) ->
     hue, saturation, value, period, contrast = look
     texture = _texture(rng, kind, height, width, period)
     v_map = np.clip(value + contrast * (texture - 0.5), 0.05, 1.0)
-    return _hsv_to_rgb(np.full((height, width), hue), np.full((height, width), saturation), v_map)
+    return hsv_to_rgb(np.full((height, width), hue), np.full((height, width), saturation), v_map)
 
 
 def _outline(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
@@ -276,7 +276,7 @@ def study_palette() -> list[int]:
     for colour in range(len(COLOURS)):
         for tone in TONES:
             saturation, value = (0.45, 1.0) if tone == "light" else (1.0, 0.55)
-            rgb = _hsv_to_rgb(np.array([_HUE_CENTRES[colour]]), np.array([saturation]), np.array([value]))[0]
+            rgb = hsv_to_rgb(np.array([_HUE_CENTRES[colour]]), np.array([saturation]), np.array([value]))[0]
             colours += [int(round(float(c))) for c in rgb]
     return colours
 
