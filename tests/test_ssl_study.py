@@ -139,6 +139,7 @@ def test_report_numbers_are_the_runs_numbers(tmp_path, capsys):
     assert "| CPS | 54.0 ± 10.1 | +4.0 | 3/3 | 4.00x | 1.10x |" in results
     assert "| CPS | 1/4 | 56.0 (+6.0) | 63.0 (+3.0) | 43.0 (+3.0) |" in results
     assert f"{STUDY_CLASSES[3]} on seed 1 (50.0 -> 30.0)" in results  # the per-seed class loss is named
+    assert "Above supervised on every seed at 1/4: CPS (3/3)" in results
     fragment = (docs / "summary.md").read_text()
     markdown = _part("markdown")
     assert fragment.startswith(markdown.README_BEGIN) and fragment.rstrip().endswith(markdown.README_END)
@@ -149,6 +150,29 @@ def test_report_numbers_are_the_runs_numbers(tmp_path, capsys):
     readme.write_text(f"# x\n\n{markdown.README_BEGIN}\nold\n{markdown.README_END}\n\n## after\n")
     study.update_readme(readme, fragment)
     assert readme.read_text() == "# x\n\n" + fragment.rstrip("\n") + "\n\n## after\n"
+
+
+def test_findings_name_only_methods_that_win_every_seed_and_the_ceilings_gap():
+    aggregate, markdown, settings = _part("aggregate"), _part("markdown"), _part("settings")
+    names = list(STUDY_CLASSES)
+    scores = {("1/4", "supervised"): [0.50, 0.60, 0.40], ("1/4", "cps"): [0.56, 0.58, 0.43],
+              ("1/4", "cps_cutmix"): [0.55, 0.65, 0.45], (settings.REFERENCE, "supervised"): [0.62, 0.60, 0.70]}
+    rows = [{"fraction": fraction, "variant": variant, "seed": seed, "mean_iou": miou,
+             "per_class_iou": [miou] * len(names), "num_labeled": 800 if fraction == settings.REFERENCE else 200,
+             "seconds_per_step": None, "max_rss_mib": None}
+            for (fraction, variant), values in scores.items() for seed, miou in enumerate(values)]
+    lines = markdown.findings(aggregate.aggregate(rows, names), names)
+    # CPS loses seed 1 (58 < 60), so only CPS + CutMix is named
+    assert "Above supervised on every seed at 1/4: CPS + CutMix (3/3); every other method is at or below " \
+           "supervised on at least one labeled subset." in lines
+    # ceiling 64.0 against supervised 50.0 at 1/4; its seed range (10 points) is narrower than the gap
+    assert "Supervised on all 800 labels reaches 64.0 ± 5.3, +14.0 over supervised at 1/4 (200 labels): what " \
+           "labeling the other 600 images adds in this budget." in lines
+
+    scores[("1/4", "cps_cutmix")] = [0.55, 0.60, 0.45]  # a tie on seed 1 is not a win
+    rows = [dict(row, mean_iou=scores[(row["fraction"], row["variant"])][row["seed"]]) for row in rows]
+    assert "No method is above supervised on every seed at 1/4." in markdown.findings(
+        aggregate.aggregate(rows, names), names)
 
 
 def test_resume_decisions_and_foreign_settings(tmp_path):

@@ -59,7 +59,7 @@ def plot_miou(summary: dict, path: Path, title: str) -> Path:
     axes.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8,
                 title="mean; bars: min-max over seeds;\ndots: seeds", title_fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png")
+    figure.savefig(path, format="png", bbox_inches="tight")
     return path
 
 

@@ -123,9 +123,48 @@ def findings(summary: dict, class_names: list[str], brief: bool = False) -> list
                 if erased:
                     lines.append(f"{VARIANTS[variant][2]} at {fraction} loses 10+ IoU points against supervised on "
                                  + "; ".join(erased) + ".")
+    lines += consistency_findings(table) + ceiling_findings(table)
     if not lines:
         lines.append("No finished supervised runs to compare against yet.")
     return lines
+
+
+def consistency_findings(table: dict) -> list[str]:
+    """Which methods beat supervised on every seed at every fraction: the only wins that do not hang on one
+    labeled subset."""
+    fractions = ordered_fractions(table)
+    totals = {}
+    for variant in VARIANTS:
+        cells = [table[f].get(variant) for f in fractions]
+        if variant == "supervised" or not all(cell and cell["compared_seeds"] for cell in cells):
+            continue
+        totals[variant] = (sum(cell["wins"] for cell in cells), sum(cell["compared_seeds"] for cell in cells))
+    if not totals:
+        return []
+    always = [f"{VARIANTS[v][2]} ({won}/{compared})" for v, (won, compared) in totals.items() if won == compared]
+    where = " and ".join(fractions)
+    if not always:
+        return [f"No method is above supervised on every seed at {where}."]
+    return [f"Above supervised on every seed at {where}: {', '.join(always)}; every other method is at or below "
+            "supervised on at least one labeled subset."]
+
+
+def ceiling_findings(table: dict) -> list[str]:
+    """How far supervised on every label is above supervised at the largest fraction. A small gap means the
+    budget, not the labels, limits that fraction, and any method has little to add there."""
+    ceiling, fractions = table.get(REFERENCE, {}).get("supervised"), ordered_fractions(table)
+    if not ceiling or not fractions or "supervised" not in table[fractions[-1]]:
+        return []
+    largest, sup = fractions[-1], table[fractions[-1]]["supervised"]
+    gap = ceiling["miou"]["mean"] - sup["miou"]["mean"]
+    line = (f"Supervised on all {ceiling['num_labeled']} labels reaches {mean_spread(ceiling['miou'])}, "
+            f"{pct(gap, True)} over supervised at {largest} ({sup['num_labeled']} labels): what labeling the other "
+            f"{ceiling['num_labeled'] - sup['num_labeled']} images adds in this budget")
+    spread = ceiling["miou"]["max"] - ceiling["miou"]["min"]
+    if ceiling["miou"]["n"] > 1 and spread > gap:
+        line += (f"; the ceiling's own seeds span {pct(ceiling['miou']['min'])}-{pct(ceiling['miou']['max'])}, "
+                 "more than that gap")
+    return [line + "."]
 
 
 def settings_text(setting: dict, data_root: Path) -> list[str]:
