@@ -31,7 +31,9 @@ ten methods' step costs at 1.0 (supervised), 2.1 (mean teacher), 3.0 (+ CutMix),
 steps: 32 per fraction and seed. 6 x 32.3 x 500 steps x 0.091 s + 3 ceiling runs + ~20 s of
 start-up and evaluation for each of the 63 runs = ~2.8 h of one core: about 1 h 25 min with
 --jobs 2 on 2 idle cores, 1 h 45 min if two runs slow each other by 20 %. `--quick` took 4.5 min
-with --jobs 1 next to other jobs (5 min at load 4), results identical between runs.
+with --jobs 1 next to other jobs (5 min at load 4), results identical between runs. Measured at full
+size: 49 of the 63 runs (the 14 others were done before) took 69 min with --jobs 2, so the whole study
+is about 1 h 40 min; `--quick --jobs 2` from a fresh clone took 3 min.
 Why such a small network: a random-init ResNet-18 step costs ~5x more, which leaves ~100 steps
 per run in the same time, and nothing learns these scenes in 100 steps from scratch. In 500 steps
 the study network reaches 86.9 % mIoU with all 800 labels, 71.1 % with 1/16 (seed 0).
