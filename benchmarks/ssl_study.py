@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Every training method on generated scenes where labels are scarce: table, plots, cost. Resumable.
 
-    python benchmarks/ssl_study.py --jobs 2          # the study: 63 runs, ~2 h on 2 idle cores
+    python benchmarks/ssl_study.py --jobs 2          # the study: 69 runs, ~2 h on 2 idle cores
     python benchmarks/ssl_study.py --quick           # pipeline check: every method, 40 steps, < 10 min
     python benchmarks/ssl_study.py --report-only     # tables and figures again from the finished runs
 
@@ -26,14 +26,14 @@ machine, so absolute times are those of a busy machine; the ratios are what to r
 Budget (measured on the 2-core machine, one torch thread, other jobs running): at 64 px, batch 8,
 timm `test_resnet` (a 0.66 M-parameter ResNet, one basic block per stage), a supervised run of the
 full setting took 67 s (0.091 s/step) and a CPS run 195 s (0.354 s/step); `--quick` measured the
-ten methods' step costs at 1.0 (supervised), 2.1 (mean teacher), 3.0 (+ CutMix), 1.8 (SPS), 2.4
+first ten methods' step costs at 1.0 (supervised), 2.1 (mean teacher), 3.0 (+ CutMix), 1.8 (SPS), 2.4
 (+ CutMix), 3.5 (CPC), 4.3 (CPS), 4.2 (CPS + CutMix), 5.5 (n-CPS), 4.7 (threshold) supervised
 steps: 32 per fraction and seed. 6 x 32.3 x 500 steps x 0.091 s + 3 ceiling runs + ~20 s of
-start-up and evaluation for each of the 63 runs = ~2.8 h of one core: about 1 h 25 min with
---jobs 2 on 2 idle cores, 1 h 45 min if two runs slow each other by 20 %. `--quick` took 4.5 min
-with --jobs 1 next to other jobs (5 min at load 4), results identical between runs. Measured at full
-size: 49 of the 63 runs (the 14 others were done before) took 69 min with --jobs 2, so the whole study
-is about 1 h 40 min; `--quick --jobs 2` from a fresh clone took 3 min.
+start-up and evaluation for each of those 63 runs = ~2.8 h of one core: about 1 h 25 min with
+--jobs 2 on 2 idle cores. Measured: 49 of those 63 runs (the 14 others were done before) took 69 min
+with --jobs 2. n-CPS averaged over peers, added later, costs as much as n-CPS (6 more runs, ~15 min),
+so the whole study takes about 1 h 55 min with --jobs 2. `--quick` took 4.5 min with --jobs 1 next to
+other jobs, results identical between runs; `--quick --jobs 2` from a fresh clone took 3 min.
 Why such a small network: a random-init ResNet-18 step costs ~5x more, which leaves ~100 steps
 per run in the same time, and nothing learns these scenes in 100 steps from scratch. In 500 steps
 the study network reaches 86.9 % mIoU with all 800 labels, 71.1 % with 1/16 (seed 0).
