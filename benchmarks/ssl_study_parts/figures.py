@@ -27,7 +27,8 @@ def plot_miou(summary: dict, path: Path, title: str) -> Path:
     figure = Figure(figsize=(9.5, 5.2), dpi=110)
     FigureCanvasAgg(figure)
     axes = figure.add_axes([0.08, 0.11, 0.58, 0.8])
-    markers = "osD^v<>ph*"
+    markers = "osD^v<>ph*XP"
+    colors = [f"C{i}" for i in range(10)] + ["black", "#8c6d31"]  # tab10, then two more: no variant shares one
     variants = [v for v in VARIANTS if any(v in table[f] for f in fractions)]
     for index, variant in enumerate(variants):
         offset = (index - (len(variants) - 1) / 2) * 0.035
@@ -42,10 +43,10 @@ def plot_miou(summary: dict, path: Path, title: str) -> Path:
             means.append(statistics.fmean(values))
             lows.append(means[-1] - min(values))
             highs.append(max(values) - means[-1])
-            axes.scatter([x] * len(values), values, s=10, alpha=0.45, color=f"C{index % 10}")
+            axes.scatter([x] * len(values), values, s=10, alpha=0.45, color=colors[index % len(colors)])
         line_style = "-" if variant in CPS_FAMILY or variant == "supervised" else "--"
         axes.errorbar(xs, means, yerr=[lows, highs], marker=markers[index % len(markers)], capsize=3,
-                      linestyle=line_style, color=f"C{index % 10}", label=VARIANTS[variant][2],
+                      linestyle=line_style, color=colors[index % len(colors)], label=VARIANTS[variant][2],
                       linewidth=2.2 if variant == "supervised" else 1.3)
     if REFERENCE in table and "supervised" in table[REFERENCE]:
         reference = table[REFERENCE]["supervised"]["miou"]["mean"] * 100
