@@ -140,14 +140,13 @@ def main(argv: list[str] | None = None) -> int:
         docs_link = str(docs_dir)
     ensure_data(data_root, setting["data"])
     runs = plan_runs(setting, runs_dir, data_root)
+    for run in runs:  # refuse folders made with other settings before training or reporting anything
+        check_identity(run, read_record(run.folder))
     failed = []
     if not args.report_only:
         start = time.perf_counter()
         failed = train_all(runs, args.jobs)
         say(f"training finished in {time.perf_counter() - start:.0f} s; {len(failed)} run(s) failed")
-    else:
-        for run in runs:
-            check_identity(run, read_record(run.folder))
     report(runs, setting, args.setting, docs_dir, data_root, commands, docs_link)
     fragment = (docs_dir / "summary.md").read_text()
     if args.update_readme:
