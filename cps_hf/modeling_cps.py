@@ -519,9 +519,10 @@ class CPSForSemanticSegmentation(CPSPreTrainedModel):
             hidden_states = (low_level, high_level)
         else:
             logits, hidden_states = self._vit_logits(pixel_values)
-        logits = F.interpolate(
-            logits, size=pixel_values.shape[-2:], mode="bilinear", align_corners=self.config.align_corners
-        )
+        if logits.shape[-2:] != pixel_values.shape[-2:]:  # a padded ViT input comes back at its size already
+            logits = F.interpolate(
+                logits, size=pixel_values.shape[-2:], mode="bilinear", align_corners=self.config.align_corners
+            )
 
         loss = None
         if labels is not None:
