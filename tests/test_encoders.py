@@ -28,9 +28,8 @@ from cps_hf.training import build_networks, freeze_unreachable_parameters
 from cps_hf.weights import check_checkpoint_matches, init_networks_from
 
 import tiny_models
-from tiny_models import with_running_statistics
+from tiny_models import LABELS, logits_of, with_running_statistics
 
-LABELS = ["background", "cat", "dog"]
 TINY_VIT = dict(depth=4, embed_dim=48, num_heads=2, img_size=56)  # DINOv2 layout, 4x4 position grid
 HEIGHT, WIDTH = 70, 51
 CARD = dict(dataset_name="toy", dataset_type="folder", protocol=None, method="CPS")
@@ -49,11 +48,6 @@ def tiny_model(backbone: str = "vit_small_patch14_dinov2", seed: int = 0, **over
 
 def image_batch(batch: int = 2, height: int = HEIGHT, width: int = WIDTH, seed: int = 1) -> torch.Tensor:
     return torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(seed))
-
-
-def logits_of(model, pixel_values: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(pixel_values=pixel_values).logits
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from cps_hf.errors import UserInputError
 from cps_hf.hub import export_ensemble, export_model
 from cps_hf.inference import TransformedDataset, evaluate_model, load_eval_split, predict_logits
 
-from tiny_models import tiny_config, with_running_statistics
+from tiny_models import logits_of, tiny_config, with_running_statistics
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 ID2LABEL = {0: "bg", 1: "a", 2: "b"}
@@ -47,11 +47,6 @@ EXPORTED_FILES = ["README.md", "config.json", "configuration_cps.py", "image_pro
 def tiny_network(seed: int, backbone: str = "resnet18", id2label: dict = ID2LABEL) -> CPSForSemanticSegmentation:
     torch.manual_seed(seed)
     return with_running_statistics(CPSForSemanticSegmentation(tiny_config(list(id2label.values()), backbone)))
-
-
-def logits_of(model, pixel_values):
-    with torch.no_grad():
-        return model(pixel_values=pixel_values).logits
 
 
 def log_mean_softmax(networks, pixel_values):

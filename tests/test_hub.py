@@ -37,7 +37,7 @@ from cps_hf import CPSForSemanticSegmentation, CPSImageProcessor
 from cps_hf.hub import build_model_card, export_model, push_model
 
 import tiny_models
-from tiny_models import with_running_statistics
+from tiny_models import logits_of, with_running_statistics
 
 EXPORTED_FILES = ["README.md", "config.json", "configuration_cps.py", "image_processing_cps.py", "model.safetensors",
                   "modeling_cps.py", "preprocessor_config.json"]
@@ -65,11 +65,6 @@ tiny_config = partial(tiny_models.tiny_config, list(ID2LABEL.values()), channels
 def tiny_model(backbone: str = "resnet18") -> CPSForSemanticSegmentation:
     torch.manual_seed(0)
     return with_running_statistics(CPSForSemanticSegmentation(tiny_config(backbone)))
-
-
-def logits_of(model, pixel_values: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(pixel_values=pixel_values).logits
 
 
 def assert_same_logits(actual: torch.Tensor, expected: torch.Tensor) -> None:

@@ -32,3 +32,8 @@ def with_running_statistics(model: CPSForSemanticSegmentation) -> CPSForSemantic
                 module.running_mean.normal_()
                 module.running_var.uniform_(0.5, 1.5)
     return model.eval()
+
+
+def logits_of(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(pixel_values=pixel_values).logits
