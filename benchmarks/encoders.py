@@ -38,8 +38,8 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,6 +117,7 @@ def run_worker(args) -> dict:
     from cps_hf.methods import build_method
     from cps_hf.training import build_networks, model_config_from_args
     from cps_hf.training_args import parse_args as parse_training_args
+    from step_efficiency import prepared_batch, timed  # beside this script, which the worker runs as
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -135,33 +136,20 @@ def run_worker(args) -> dict:
     net = networks[0]
     total = _count(net)
     backbone = _count(net.backbone)
-    neck = _count(getattr(net, "neck", None))
+    neck = _count(net.neck)
     params = {"backbone": backbone, "neck": neck, "head": total - backbone - neck, "total": total}
 
-    g = torch.Generator().manual_seed(0)
-    shape = (batch_size, 3, crop, crop)
-    batch = {
-        "labeled": {
-            "pixel_values": torch.randn(shape, generator=g).to(device),
-            "labels": torch.randint(0, NUM_LABELS, (batch_size, crop, crop), generator=g).to(device),
-        },
-        "unlabeled": [{"pixel_values": torch.randn(shape, generator=g).to(device)}
-                      for _ in range(method.num_unlabeled_streams)],
-    }
+    batch = prepared_batch(SimpleNamespace(batch=batch_size, crop=crop, num_labels=NUM_LABELS, device=device),
+                           method.num_unlabeled_streams)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     def step(index: int) -> float:
-        sync()
-        start = time.perf_counter()
-        with autocast:
-            output = method(networks, batch, index)
-        output.loss.backward()
-        sync()
-        elapsed = time.perf_counter() - start
+        def forward_backward():
+            with autocast:
+                output = method(networks, batch, index)
+            output.loss.backward()
+
+        elapsed = timed(forward_backward, device)
         for network in networks:
             network.zero_grad(set_to_none=True)
         return elapsed
@@ -195,8 +183,7 @@ def run_worker(args) -> dict:
 
 def measure(encoder: str, args) -> dict:
     """Runs this script on one encoder in a fresh process (its own peak RSS, no allocator carry-over)."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", encoder, "--reference", args.reference,
-               "--device", args.device, "--repeats", str(args.repeats), "--warmup", str(args.warmup),
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", encoder, "--device", args.device, "--repeats", str(args.repeats), "--warmup", str(args.warmup),
                "--threads", str(args.threads), "--precision", args.precision]
     for flag in ("crop", "batch", "head_channels"):
         if getattr(args, flag):
