@@ -31,16 +31,23 @@ def _check_logits_and_labels(logits: torch.Tensor, labels: torch.Tensor, where: 
         raise ValueError(f"{where}: labels must be an integer tensor, got {labels.dtype}")
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+def cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255, denominator: int | None = None
+) -> torch.Tensor:
     """Pixel-wise cross-entropy, averaged over the pixels whose label is not `ignore_index`.
 
     Same value as `F.cross_entropy(..., ignore_index=...)`, except that a batch with no
     labelled pixel at all gives 0 (still attached to the graph) instead of NaN, so one fully
     padded crop cannot poison the weights of both networks.
+
+    `denominator` replaces the count of labelled pixels: UniMatch's thresholded pseudo-label loss
+    sums over the confident pixels and divides by all valid pixels (``Method.pseudo_denominator``).
     """
     _check_logits_and_labels(logits, labels, "cross_entropy")
     labels = labels.long()
     total = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum")
+    if denominator is not None:
+        return total / max(int(denominator), 1)
     num_labelled = (labels != ignore_index).sum().clamp(min=1)
     return total / num_labelled
 
@@ -122,18 +129,21 @@ def cross_supervision(
     labels_from_1: torch.Tensor,
     labels_from_2: torch.Tensor,
     ignore_index: int = 255,
+    denominator: int | None = None,
 ) -> torch.Tensor:
     """``CE(logits_1, labels_from_2) + CE(logits_2, labels_from_1)``: each network learns from the other.
 
     `cps_loss` calls it with the networks' own argmaxes; CPS+CutMix with the argmax of the mixed
     teacher logits. The labels must carry no gradient (pseudo labels are constants).
+    `denominator` goes to both cross-entropies (see `cross_entropy`; None: the kept pixels).
     """
     if logits_1.shape != logits_2.shape:
         raise ValueError(
             f"cps loss: both networks' logits must have the same shape, got {tuple(logits_1.shape)} "
             f"and {tuple(logits_2.shape)}"
         )
-    return cross_entropy(logits_1, labels_from_2, ignore_index) + cross_entropy(logits_2, labels_from_1, ignore_index)
+    return (cross_entropy(logits_1, labels_from_2, ignore_index, denominator)
+            + cross_entropy(logits_2, labels_from_1, ignore_index, denominator))
 
 
 def cps_loss(logits_1: torch.Tensor, logits_2: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:

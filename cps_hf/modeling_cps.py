@@ -600,10 +600,21 @@ class CPSForSemanticSegmentation(CPSPreTrainedModel):
         self.backbone.requires_grad_(not frozen)
         return self.train(self.training)
 
+    def freeze_backbone_batchnorm(self, frozen: bool = True) -> "CPSForSemanticSegmentation":
+        """Keep the backbone's BatchNorm layers in eval mode through `train()`: they normalise with their
+        running statistics, which stop moving, while their affine parameters keep training (CutMix-Seg's
+        `--freeze_bn` on DeepLabv3+). The head's BatchNorms train as usual. `frozen=False` undoes it."""
+        self._backbone_batchnorm_frozen = frozen
+        return self.train(self.training)
+
     def train(self, mode: bool = True) -> "CPSForSemanticSegmentation":
         super().train(mode)
         if getattr(self, "_backbone_frozen", False):
             self.backbone.eval()
+        elif getattr(self, "_backbone_batchnorm_frozen", False):
+            for module in self.backbone.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):  # SyncBatchNorm and timm's BN+act too
+                    module.eval()
         return self
 
     def parameter_counts(self) -> dict[str, int]:

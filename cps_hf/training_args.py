@@ -109,6 +109,12 @@ class CPSTrainingConfig:
         default=1.5, metadata={"help": "lambda of L = L_s + lambda * L_unsup (the CPS, CPC, SPS or mean-teacher term)."}
     )
     cps_weight_rampup_steps: int = field(default=0, metadata={"help": "Sigmoid ramp-up of lambda over this many steps (0: off, as the paper)."})
+    cps_weight_rampup_epochs: float | None = field(
+        default=None,
+        metadata={"help": "The same sigmoid ramp-up in epochs (passes over the unlabeled set); unset: the method's "
+                  "default (3 for mean_teacher, as PixelSSL's MT scripts; off for every other method) unless "
+                  "--cps_weight_rampup_steps is set."},
+    )
     supervised_warmup_steps: int = field(default=0, metadata={"help": "Steps with lambda = 0 before CPS starts (0: off, as the paper)."})
     cps_on_labeled: bool | None = field(
         default=None,
@@ -118,19 +124,68 @@ class CPSTrainingConfig:
     cps_on_unlabeled: bool | None = field(
         default=None, metadata={"help": "Apply the cross term (CPS/CPC) on unlabeled images (Table 4); unset: on."}
     )
-    pseudo_label_threshold: float = field(
-        default=0.0,
-        metadata={"help": "Ignore pseudo-labeled pixels whose softmax confidence is below this (0: off, as the paper)."},
+    pseudo_label_threshold: float | None = field(
+        default=None,
+        metadata={"help": "Ignore pseudo-labeled pixels whose softmax confidence is below this. Unset: the method's "
+                  "default: 0.97 for mean_teacher_cutmix (CutMix-Seg's scripts), 0 (off, as the paper) for the rest."},
     )
-    ema_decay: float = field(default=0.99, metadata={"help": "Mean teacher: EMA decay of the teacher's weights."})
-    mt_consistency: Literal["probability", "pseudo_label"] = field(
-        default="probability",
-        metadata={"help": "Mean teacher: squared distance of the softmax maps (the MT / CutMix-Seg code the paper "
-                  "ran) or cross-entropy on the teacher's argmax."},
+    pseudo_label_normalize: Literal["valid", "kept"] = field(
+        default="valid",
+        metadata={"help": "With a threshold: divide the pseudo-label loss by every pixel that has a pseudo label "
+                  "('valid', UniMatch's loss.sum() / valid pixels: dropped pixels count as 0, lambda keeps its "
+                  "meaning) or by the kept pixels only ('kept', a mean over the confident pixels, the default before: "
+                  "the effective lambda grows as 1 / kept fraction)."},
+    )
+    cutmix_num_boxes: int | None = field(
+        default=None,
+        metadata={"help": "CutMix methods: boxes per mask; unset: the method's (3 for the CPS family, as CPS's code; "
+                  "1 for mean_teacher_cutmix, as CutMix-Seg's)."},
+    )
+    cutmix_area_range: list[float] | None = field(
+        default=None,
+        metadata={"help": "CutMix methods: low high of the image area the boxes cover together; unset: the method's "
+                  "(0.25 0.5 for the CPS family; 0.5 0.5 for mean_teacher_cutmix)."},
+    )
+    freeze_bn: bool | None = field(
+        default=None,
+        metadata={"help": "Keep the encoder's BatchNorms in eval mode (statistics fixed, affine weights trained); "
+                  "unset: the method's default (on for mean_teacher_cutmix, as every CutMix-Seg script; off "
+                  "elsewhere)."},
+    )
+    ema_decay: float = field(default=0.99, metadata={"help": "Mean teacher: EMA decay of the teacher's weights (its cap with --mt_ema_warmup)."})
+    mt_ema_warmup: bool | None = field(
+        default=None,
+        metadata={"help": "Mean teacher: decay min(1 - 1/(t+1), --ema_decay) at update t; unset: on for mean_teacher "
+                  "(PixelSSL), off for mean_teacher_cutmix (CutMix-Seg: fixed decay)."},
+    )
+    mt_ema_buffers: bool | None = field(
+        default=None,
+        metadata={"help": "Mean teacher: also average the BN running statistics into the teacher; unset: off for "
+                  "mean_teacher (PixelSSL averages parameters only), on for mean_teacher_cutmix (CutMix-Seg)."},
+    )
+    mt_consistency: Literal["logit_mse", "probability", "pseudo_label"] | None = field(
+        default=None,
+        metadata={"help": "Mean teacher: MSE of the logits (mean_teacher's default, PixelSSL's nn.MSELoss), squared "
+                  "distance of the softmax maps summed over classes (mean_teacher_cutmix's default, CutMix-Seg's "
+                  "'var') or cross-entropy on the teacher's argmax."},
+    )
+    mt_confidence_weighting: Literal["fraction", "pixel"] | None = field(
+        default=None,
+        metadata={"help": "Mean teacher with a threshold: multiply the consistency by the fraction of confident "
+                  "teacher pixels ('fraction', CutMix-Seg's conf_per_pixel off: mean_teacher_cutmix's default) or "
+                  "keep only the confident pixels ('pixel', mean_teacher's default)."},
+    )
+    mt_noise_std: float | None = field(
+        default=None,
+        metadata={"help": "Mean teacher: Gaussian noise added to the student's input; unset: 0 (PixelSSL's default: "
+                  "no noise; 0.1 was this package's default before)."},
     )
     num_networks: int = field(default=3, metadata={"help": "ncps / ncps_cutmix: number of networks (n-CPS)."})
-    ncps_average: bool = field(
-        default=False, metadata={"help": "ncps: average the cross terms over the N-1 peers instead of summing them."}
+    ncps_sum: bool = field(
+        default=False,
+        metadata={"help": "ncps / ncps_cutmix: sum each network's cross terms over its N-1 peers instead of averaging "
+                  "them. Off: the n-CPS reference code's average (the unlabeled weight per network equals CPS's at any N); "
+                  "on: N-1 times that weight (the default before; it collapsed in our study at N = 3)."},
     )
     export_network: str | None = field(
         default=None,
@@ -240,8 +295,19 @@ class CPSTrainingConfig:
                      "eval_crop_size", "eval_stride"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.pseudo_label_threshold < 1:
+        if self.pseudo_label_threshold is not None and not 0 <= self.pseudo_label_threshold < 1:
             raise ConfigError(f"--pseudo_label_threshold must be in [0, 1), got {self.pseudo_label_threshold}")
+        if self.cps_weight_rampup_epochs is not None and self.cps_weight_rampup_steps:
+            raise ConfigError("give the lambda ramp-up once: --cps_weight_rampup_steps or --cps_weight_rampup_epochs")
+        if self.cps_weight_rampup_epochs is not None and self.cps_weight_rampup_epochs < 0:
+            raise ConfigError(f"--cps_weight_rampup_epochs must be >= 0, got {self.cps_weight_rampup_epochs}")
+        if self.cutmix_num_boxes is not None and self.cutmix_num_boxes < 1:
+            raise ConfigError(f"--cutmix_num_boxes must be >= 1, got {self.cutmix_num_boxes}")
+        if self.cutmix_area_range is not None and (
+                len(self.cutmix_area_range) != 2 or not 0 < self.cutmix_area_range[0] <= self.cutmix_area_range[1] <= 1):
+            raise ConfigError(f"--cutmix_area_range needs two values 0 < low <= high <= 1, got {list(self.cutmix_area_range)}")
+        if self.mt_noise_std is not None and self.mt_noise_std < 0:
+            raise ConfigError(f"--mt_noise_std must be >= 0, got {self.mt_noise_std}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"--ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.num_networks < 2:

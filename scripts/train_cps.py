@@ -151,14 +151,23 @@ def train(args) -> dict:
         ),
         cps_weight=args.cps_weight,
         cps_weight_rampup_steps=args.cps_weight_rampup_steps,
+        cps_weight_rampup_epochs=args.cps_weight_rampup_epochs,
         supervised_warmup_steps=args.supervised_warmup_steps,
         cps_on_labeled=args.cps_on_labeled,
         cps_on_unlabeled=args.cps_on_unlabeled,
         pseudo_label_threshold=args.pseudo_label_threshold,
+        pseudo_label_normalize=args.pseudo_label_normalize,
+        cutmix_num_boxes=args.cutmix_num_boxes,
+        cutmix_area_range=args.cutmix_area_range,
+        freeze_bn=args.freeze_bn,
         ema_decay=args.ema_decay,
+        ema_warmup=args.mt_ema_warmup,
+        ema_buffers=args.mt_ema_buffers,
         consistency=args.mt_consistency,
+        confidence_weighting=args.mt_confidence_weighting,
+        student_noise_std=args.mt_noise_std,
         num_networks=args.num_networks,
-        ncps_average=args.ncps_average,
+        ncps_sum=args.ncps_sum,
         generator_seed=args.seed,
         # Figure 7's "foreground" agreement leaves out background; Cityscapes' class 0 is road.
         background_index=0 if bundle.class_names[0].lower() in ("background", "_background_") else None,
@@ -177,6 +186,7 @@ def train(args) -> dict:
     val_set = TransformedDataset(val_set, EvalTransform(num_classes=len(bundle.class_names)))
     steps_per_epoch = math.ceil(streams.steps_per_epoch / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    method.set_steps_per_epoch(steps_per_epoch)  # an epoch-based lambda ramp-up becomes steps
     check_schedule(args, max_train_steps)
     logger.info(
         f"labeled {len(bundle.labeled)}, unlabeled {_size(bundle.unlabeled)}, val {len(val_set)}; "

@@ -2,6 +2,7 @@
 tiny conv networks, the EMA teacher, and end-to-end runs of scripts/train_cps.py (export, resume, DDP)."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -61,26 +62,63 @@ def _mt_probability(student_logits, teacher_logits, mask=None):
 
 # ---- the teacher ------------------------------------------------------------------------------
 
+NO_RAMP = dict(cps_weight_rampup_epochs=0)  # mean_teacher ramps lambda over 3 epochs unless told otherwise
 
-def test_contract_and_names():
+
+def test_contract_names_and_reference_defaults():
     method = build_method("mean_teacher", cross_entropy, cps_weight=1.0, ema_decay=0.9, cps_on_labeled=None,
-                          cps_on_unlabeled=None, num_networks=3, ncps_average=False, generator_seed=0)
+                          cps_on_unlabeled=None, num_networks=3, ncps_sum=False, generator_seed=0)
     assert isinstance(method, MeanTeacherMethod) and method.ema_decay == 0.9
     assert (method.num_models, method.trained_count, method.num_unlabeled_streams) == (2, 1, 1)
     assert method.names() == ("student", "teacher") and method.export_index() == 0
     assert method.export_index("teacher") == 1
+    # PixelSSL's MT (behind the paper's MT numbers): MSE of logits, 3-epoch sigmoid ramp-up, EMA warm-up,
+    # parameters-only EMA, no input noise, no threshold, the student exported
+    assert (method.consistency, method.cps_weight_rampup_epochs, method.ema_warmup, method.ema_buffers,
+            method.student_noise_std, method.pseudo_label_threshold, method.freeze_bn) == (
+        "logit_mse", 3.0, True, False, 0.0, 0.0, False)
+    # CutMix-Seg's CutMix scripts: softmax distance, conf 0.97 as a fraction, one 50% box, fixed EMA over
+    # the whole state, --freeze_bn, no ramp-up, the teacher evaluated and exported
     cutmix = build_method("mean_teacher_cutmix", cross_entropy, cps_weight=1.0)
     assert isinstance(cutmix, MeanTeacherCutMixMethod) and cutmix.num_unlabeled_streams == 2
-    assert cutmix.ema_decay == 0.99 and cutmix.student_noise_std == 0.0 and method.student_noise_std == 0.1
+    assert (cutmix.consistency, cutmix.pseudo_label_threshold, cutmix.confidence_weighting, cutmix.cutmix_num_boxes,
+            cutmix.cutmix_area_range, cutmix.ema_warmup, cutmix.ema_buffers, cutmix.freeze_bn,
+            cutmix.cps_weight_rampup_epochs, cutmix.ema_decay, cutmix.student_noise_std) == (
+        "probability", 0.97, "fraction", 1, (0.5, 0.5), False, True, True, 0.0, 0.99, 0.0)
+    assert cutmix.export_index() == 1 and cutmix.names()[cutmix.export_index()] == "teacher"
+    # every one of them is a flag away
+    other = build_method("mean_teacher_cutmix", cross_entropy, consistency="logit_mse", pseudo_label_threshold=0.0,
+                         cutmix_num_boxes=3, cutmix_area_range=[0.25, 0.5], freeze_bn=False, ema_warmup=True,
+                         ema_buffers=False, cps_weight_rampup_epochs=2)
+    assert (other.consistency, other.pseudo_label_threshold, other.cutmix_num_boxes, other.cutmix_area_range,
+            other.freeze_bn, other.ema_warmup, other.ema_buffers, other.cps_weight_rampup_epochs) == (
+        "logit_mse", 0.0, 3, (0.25, 0.5), False, True, False, 2.0)
     with pytest.raises(ValueError, match="unlabeled images only"):
         build_method("mean_teacher", cross_entropy, cps_on_labeled=True)
     with pytest.raises(ValueError, match="cps_on_unlabeled=False"):
         build_method("mean_teacher_cutmix", cross_entropy, cps_on_unlabeled=False)
     with pytest.raises(ValueError, match="consistency"):
         MeanTeacherMethod(cross_entropy, consistency="mse")
+    with pytest.raises(ValueError, match="confidence_weighting"):
+        MeanTeacherMethod(cross_entropy, confidence_weighting="batch")
     # --mt_consistency reaches the method through the trainer's options (others ignore it)
     assert build_method("mean_teacher", cross_entropy, consistency="pseudo_label").consistency == "pseudo_label"
     assert build_method("cps", cross_entropy, consistency="pseudo_label").name == "cps"
+
+
+def test_rampup_is_three_epochs_of_pixelssls_sigmoid_once_the_epoch_length_is_known():
+    method = build_method("mean_teacher", cross_entropy, cps_weight=2.0)
+    with pytest.raises(RuntimeError, match="set_steps_per_epoch"):
+        method.cps_weight_at(0)
+    method.set_steps_per_epoch(10)  # the trainer's call: 3 epochs = 30 steps
+    assert method.cps_weight_rampup_steps == 30
+    for step in (0, 12, 30, 45):
+        t = min(step / 30, 1.0)
+        assert method.cps_weight_at(step) == pytest.approx(2.0 * math.exp(-5 * (1 - t) ** 2))
+    steps = build_method("mean_teacher", cross_entropy, cps_weight=2.0, cps_weight_rampup_steps=7)
+    assert steps.cps_weight_rampup_epochs == 0 and steps.cps_weight_at(7) == 2.0  # explicit steps replace it
+    with pytest.raises(ValueError, match="once"):
+        build_method("mean_teacher", cross_entropy, cps_weight_rampup_steps=7, cps_weight_rampup_epochs=1)
 
 
 def test_init_networks_copies_the_student_parameters_and_buffers():
@@ -94,14 +132,18 @@ def test_init_networks_copies_the_student_parameters_and_buffers():
     assert all(a.data_ptr() != b.data_ptr() for a, b in zip(student.parameters(), teacher.parameters()))
 
 
-def test_ema_update_is_decay_teacher_plus_one_minus_decay_student():
-    decay = 0.9
-    method = build_method("mean_teacher", cross_entropy, ema_decay=decay)
+def _perturbed_pair(method):
     student, teacher = TinySegmenter(0), TinySegmenter(1)
     _perturb(student, 1)
     _perturb(teacher, 2)
-    before_s = {k: v.clone() for k, v in student.state_dict().items()}
-    before_t = {k: v.clone() for k, v in teacher.state_dict().items()}
+    return student, teacher, {k: v.clone() for k, v in student.state_dict().items()}, \
+        {k: v.clone() for k, v in teacher.state_dict().items()}
+
+
+def test_cutmix_seg_ema_averages_the_whole_state_with_a_fixed_decay():
+    decay = 0.9
+    method = build_method("mean_teacher", cross_entropy, ema_decay=decay, ema_warmup=False, ema_buffers=True)
+    student, teacher, before_s, before_t = _perturbed_pair(method)
     method.after_optimizer_step([student, teacher], step=0)
     after_t = teacher.state_dict()
     for key, value in before_t.items():
@@ -113,14 +155,32 @@ def test_ema_update_is_decay_teacher_plus_one_minus_decay_student():
     # one concrete number: 0.9 * t + 0.1 * s
     t0, s0 = before_t["body.0.weight"].flatten()[0].item(), before_s["body.0.weight"].flatten()[0].item()
     assert after_t["body.0.weight"].flatten()[0].item() == pytest.approx(0.9 * t0 + 0.1 * s0, abs=1e-6)
+    assert build_method("mean_teacher_cutmix", cross_entropy).ema_decay_at(0) == 0.99  # its default: fixed
+
+
+@pytest.mark.parametrize("step,decay", [(0, 0.0), (1, 0.5), (3, 0.75), (9, 0.9), (500, 0.9)])
+def test_pixelssl_ema_warms_up_and_averages_parameters_only(step, decay):
+    """PixelSSL: decay min(1 - 1/(t + 1), ema_decay) over the parameters; the teacher's BN statistics
+    are its own (its train-mode forwards move them), never the student's."""
+    method = build_method("mean_teacher", cross_entropy, ema_decay=0.9)
+    assert method.ema_decay_at(step) == pytest.approx(decay)
+    student, teacher, before_s, before_t = _perturbed_pair(method)
+    method.after_optimizer_step([student, teacher], step=step)
+    parameters = {name for name, _ in teacher.named_parameters()}
+    after_t = teacher.state_dict()
+    for key, value in before_t.items():
+        if key in parameters:
+            assert torch.allclose(after_t[key], decay * value + (1 - decay) * before_s[key], atol=1e-7), key
+        else:  # running_mean, running_var, num_batches_tracked: the teacher's own
+            assert torch.equal(after_t[key], value), key
 
 
 # ---- the loss ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("consistency", ["probability", "pseudo_label"])
+@pytest.mark.parametrize("consistency", ["logit_mse", "probability", "pseudo_label"])
 def test_loss_equals_its_equation(consistency):
-    method = MeanTeacherMethod(cross_entropy, cps_weight=1.5, consistency=consistency, student_noise_std=0.0)
+    method = MeanTeacherMethod(cross_entropy, cps_weight=1.5, consistency=consistency, **NO_RAMP)
     student, teacher = _pair(method)
     _perturb(teacher, 3)  # a teacher that differs from the student, as after some EMA steps
     batch = _batch(1)
@@ -129,7 +189,9 @@ def test_loss_equals_its_equation(consistency):
     x_l, y, u = batch["labeled"]["pixel_values"], batch["labeled"]["labels"], batch["unlabeled"][0]["pixel_values"]
     sup = F.cross_entropy(_logits(student, x_l), y, ignore_index=255)
     s_u, t_u = _logits(student, u), _logits(teacher, u).detach()
-    if consistency == "probability":
+    if consistency == "logit_mse":
+        mt = F.mse_loss(s_u, t_u)  # PixelSSL's nn.MSELoss(): a mean over batch, classes and pixels
+    elif consistency == "probability":
         mt = _mt_probability(s_u, t_u)
     else:
         mt = F.cross_entropy(s_u, t_u.argmax(1))
@@ -139,16 +201,20 @@ def test_loss_equals_its_equation(consistency):
     assert out.logs["loss_mt"] == pytest.approx(mt.item(), rel=1e-5)
     assert out.logs["loss"] == pytest.approx(out.loss.item(), rel=1e-6)
     assert out.logs["cps_weight"] == 1.5 and out.logs["agreement_u"] == pytest.approx(agreement)
+    assert out.logs["ema_decay"] == 0.0  # PixelSSL's warm-up: the first update copies the student
     assert "agreement_u_fg" in out.logs and "pseudo_kept_u" not in out.logs
-    # forwards: student labeled (grad), teacher unlabeled (no grad), student unlabeled (grad)
+    # forwards: student labeled (grad), teacher unlabeled (no grad), student unlabeled (grad), same input
     assert [c.grad for c in student.calls] == [True, True] and [c.grad for c in teacher.calls] == [False]
+    assert torch.equal(student.calls[1].x, teacher.calls[0].x)  # no noise by default
 
 
-@pytest.mark.parametrize("consistency", ["probability", "pseudo_label"])
-def test_threshold_masks_unconfident_teacher_pixels(consistency):
+@pytest.mark.parametrize("normalize", ["valid", "kept"])
+@pytest.mark.parametrize("consistency", ["logit_mse", "probability", "pseudo_label"])
+def test_threshold_per_pixel_masks_unconfident_teacher_pixels(consistency, normalize):
     threshold = 0.5
-    method = MeanTeacherMethod(cross_entropy, cps_weight=1.0, consistency=consistency, student_noise_std=0.0,
-                               pseudo_label_threshold=threshold)
+    method = MeanTeacherMethod(cross_entropy, cps_weight=1.0, consistency=consistency, pseudo_label_threshold=threshold,
+                               pseudo_label_normalize=normalize, **NO_RAMP)
+    assert method.confidence_weighting == "pixel"  # mean_teacher's default
     student, teacher = _pair(method)
     _perturb(teacher, 3)
     batch = _batch(1)
@@ -156,28 +222,33 @@ def test_threshold_masks_unconfident_teacher_pixels(consistency):
 
     u = batch["unlabeled"][0]["pixel_values"]
     s_u, t_u = _logits(student, u), _logits(teacher, u).detach()
-    confident = t_u.softmax(1).amax(1) >= threshold
-    assert 0 < confident.float().mean() < 1  # the test exercises both sides of the threshold
-    if consistency == "probability":
-        mt = _mt_probability(s_u, t_u, confident.float())  # masked pixels count as zeros (French's mean)
-        assert mt < _mt_probability(s_u, t_u)
+    confident = (t_u.softmax(1).amax(1) >= threshold).float()
+    assert 0 < confident.mean() < 1  # the test exercises both sides of the threshold
+    if consistency == "logit_mse":
+        per_pixel = ((s_u - t_u) ** 2).mean(1)
+    elif consistency == "probability":
+        per_pixel = ((s_u.softmax(1) - t_u.softmax(1)) ** 2).sum(1)
     else:
-        mt = F.cross_entropy(s_u, t_u.argmax(1).masked_fill(~confident, 255), ignore_index=255)
+        per_pixel = F.cross_entropy(s_u, t_u.argmax(1), reduction="none")
+    # valid: masked pixels count as zeros in a mean over all pixels (French's conf_per_pixel, UniMatch's
+    # normalisation); kept: a mean over the confident pixels
+    mt = (per_pixel * confident).sum() / (confident.numel() if normalize == "valid" else confident.sum())
     sup = F.cross_entropy(_logits(student, batch["labeled"]["pixel_values"]), batch["labeled"]["labels"],
                           ignore_index=255)
     assert out.logs["loss_mt"] == pytest.approx(mt.item(), rel=1e-5)
     assert torch.allclose(out.loss, sup + mt, atol=1e-6)
-    assert out.logs["pseudo_kept_u"] == pytest.approx(confident.float().mean().item())
+    assert out.logs["pseudo_kept_u"] == pytest.approx(confident.mean().item())
 
 
 def test_no_gradient_reaches_the_teacher():
-    method = build_method("mean_teacher", cross_entropy, cps_weight=1.0)
+    method = build_method("mean_teacher", cross_entropy, cps_weight=1.0, **NO_RAMP)
     student, teacher = _pair(method)  # teacher parameters still require grad: only no_grad protects them
     out = method([student, teacher], _batch(1), step=0)
     out.loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
-    cutmix = build_method("mean_teacher_cutmix", cross_entropy, cps_weight=1.0)
+    cutmix = build_method("mean_teacher_cutmix", cross_entropy, cps_weight=1.0, freeze_bn=False,
+                          pseudo_label_threshold=0.0)
     student, teacher = _pair(cutmix)
     cutmix([student, teacher], _batch(2), step=0).loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
@@ -185,7 +256,8 @@ def test_no_gradient_reaches_the_teacher():
 
 
 def test_student_view_is_the_teachers_plus_seeded_noise():
-    method = build_method("mean_teacher", cross_entropy, cps_weight=1.0, generator_seed=7)
+    method = build_method("mean_teacher", cross_entropy, cps_weight=1.0, generator_seed=7, student_noise_std=0.1,
+                          **NO_RAMP)
     batch = _batch(1)
     u = batch["unlabeled"][0]["pixel_values"]
 
@@ -205,7 +277,7 @@ def test_student_view_is_the_teachers_plus_seeded_noise():
 
 
 def test_warmup_skips_the_teacher():
-    method = build_method("mean_teacher", cross_entropy, cps_weight=1.0, supervised_warmup_steps=2)
+    method = build_method("mean_teacher", cross_entropy, cps_weight=1.0, supervised_warmup_steps=2, **NO_RAMP)
     student, teacher = _pair(method)
     out = method([student, teacher], _batch(1), step=1)
     assert teacher.calls == [] and len(student.calls) == 1
@@ -213,23 +285,34 @@ def test_warmup_skips_the_teacher():
     assert out.logs["loss"] == pytest.approx(out.logs["loss_sup"])
 
 
-@pytest.mark.parametrize("consistency", ["probability", "pseudo_label"])
+def _cutmix_reference(method, student, teacher, batch, step, rank):
+    """The mixed images, the student's logits on them and the mixed teacher logits, written out."""
+    u0, u1 = batch["unlabeled"][0]["pixel_values"], batch["unlabeled"][1]["pixel_values"]
+    mask = box_mask(2, 12, 12, generator=method.generator(step, rank, 0), prop_range=method.cutmix_area_range,
+                    n_boxes=method.cutmix_num_boxes)
+    assert 0 < mask.mean() < 1
+    teacher_mixed = (_logits(teacher, u0) * (1 - mask) + _logits(teacher, u1) * mask).detach()
+    mixed = u0 * (1 - mask) + u1 * mask
+    return mask, mixed, _logits(student, mixed), teacher_mixed
+
+
+@pytest.mark.parametrize("consistency", ["logit_mse", "probability", "pseudo_label"])
 def test_cutmix_loss_equals_its_equation(consistency):
-    method = MeanTeacherCutMixMethod(cross_entropy, cps_weight=2.0, consistency=consistency, generator_seed=3)
+    method = MeanTeacherCutMixMethod(cross_entropy, cps_weight=2.0, consistency=consistency, generator_seed=3,
+                                     pseudo_label_threshold=0.0, freeze_bn=False)
     student, teacher = _pair(method)
     _perturb(teacher, 4)
     batch = _batch(2)
     out = method([student, teacher], batch, step=5, rank=1, micro_step=0)
 
-    u0, u1 = batch["unlabeled"][0]["pixel_values"], batch["unlabeled"][1]["pixel_values"]
-    mask = box_mask(2, 12, 12, generator=method.generator(5, 1, 0))
-    assert 0 < mask.mean() < 1
-    teacher_mixed = _logits(teacher, u0) * (1 - mask) + _logits(teacher, u1) * mask
-    mixed = u0 * (1 - mask) + u1 * mask
+    mask, mixed, s_mixed, teacher_mixed = _cutmix_reference(method, student, teacher, batch, 5, 1)
+    # CutMix-Seg's one box of 50% (rounded to pixels), not CPS's three boxes
+    assert mask.mean(dim=(1, 2, 3)).tolist() == pytest.approx([0.5, 0.5], abs=0.06)
     assert torch.equal(student.calls[1].x, mixed)  # the student sees the mixed images, no noise
-    s_mixed = _logits(student, mixed)
-    if consistency == "probability":
-        mt = _mt_probability(s_mixed, teacher_mixed.detach())
+    if consistency == "logit_mse":
+        mt = F.mse_loss(s_mixed, teacher_mixed)
+    elif consistency == "probability":
+        mt = _mt_probability(s_mixed, teacher_mixed)
     else:
         mt = F.cross_entropy(s_mixed, teacher_mixed.argmax(1))
     sup = F.cross_entropy(_logits(student, batch["labeled"]["pixel_values"]), batch["labeled"]["labels"],
@@ -238,6 +321,75 @@ def test_cutmix_loss_equals_its_equation(consistency):
     assert out.logs["loss_mt"] == pytest.approx(mt.item(), rel=1e-5)
     agreement = (s_mixed.argmax(1) == teacher_mixed.argmax(1)).float().mean().item()
     assert out.logs["agreement_u"] == pytest.approx(agreement)
+
+
+def test_cutmix_seg_weights_the_loss_by_the_fraction_of_confident_teacher_pixels():
+    """CutMix-Seg with conf_per_pixel off: mean over all pixels of the softmax distance, times the fraction
+    (over the whole batch) of pixels whose mixed-teacher confidence reaches the threshold, a scalar."""
+    probe = MeanTeacherCutMixMethod(cross_entropy, generator_seed=3, freeze_bn=False)
+    student, teacher = _pair(probe)
+    _perturb(teacher, 4)
+    batch = _batch(2)
+    _, _, s_mixed, teacher_mixed = _cutmix_reference(probe, student, teacher, batch, 5, 0)
+    confidence = teacher_mixed.softmax(1).amax(1)
+    threshold = float(confidence.flatten().median())  # about half the pixels pass (0.97 on trained networks)
+    method = MeanTeacherCutMixMethod(cross_entropy, cps_weight=1.0, generator_seed=3, freeze_bn=False,
+                                     pseudo_label_threshold=threshold)
+    out = method([student, teacher], batch, step=5)
+    fraction = (confidence >= threshold).float().mean()
+    assert 0.3 < fraction < 0.7
+    mt = _mt_probability(s_mixed, teacher_mixed) * fraction
+    assert out.logs["loss_mt"] == pytest.approx(mt.item(), rel=1e-5)
+    assert out.logs["pseudo_kept_u"] == pytest.approx(fraction.item())
+    out.loss.backward()  # every pixel still gets a gradient (scaled), unlike the per-pixel mask
+    assert all(p.grad is not None for p in student.parameters())
+
+
+def test_freeze_bn_keeps_the_encoder_batchnorms_in_eval_mode_and_training_their_weights():
+    from tiny_models import tiny_config
+
+    from cps_hf.modeling_cps import CPSForSemanticSegmentation
+
+    student, teacher = CPSForSemanticSegmentation(tiny_config()), CPSForSemanticSegmentation(tiny_config())
+    build_method("mean_teacher_cutmix", cross_entropy).init_networks([student, teacher])
+    for network in (student, teacher):
+        network.train()
+        encoder_bn = [m for m in network.backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        head_bn = [m for m in network.decode_head.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        assert encoder_bn and head_bn
+        assert not any(m.training for m in encoder_bn) and all(m.training for m in head_bn)
+        assert all(p.requires_grad for m in encoder_bn for p in m.parameters())  # affine weights still train
+    before = [m.running_mean.clone() for m in student.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    student(pixel_values=torch.randn(2, 3, 32, 32)).logits.sum().backward()
+    after = [m.running_mean for m in student.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    plain = CPSForSemanticSegmentation(tiny_config())
+    build_method("mean_teacher", cross_entropy).init_networks([plain, CPSForSemanticSegmentation(tiny_config())])
+    assert all(m.training for m in plain.train().backbone.modules())
+
+
+def test_sps_makes_its_pseudo_labels_in_a_pass_of_their_own_when_the_network_is_stochastic():
+    """eq. 9's two streams are one pass for a deterministic network and two with dropout (they differ)."""
+    from cps_hf.methods.base import has_stochastic_layers
+
+    batch = _batch(1)
+    plain = build_method("sps", cross_entropy, cps_weight=1.0)
+    model = TinySegmenter(0).train()
+    plain.init_networks([model])
+    plain([model], batch, step=0)
+    assert not plain.stochastic_passes and [c.grad for c in model.calls] == [True, True]
+
+    noisy = TinySegmenter(0).train()
+    noisy.body.insert(3, torch.nn.Dropout2d(0.5))
+    assert has_stochastic_layers(noisy) and not has_stochastic_layers(TinySegmenter(0))
+    method = build_method("sps", cross_entropy, cps_weight=1.0)
+    method.init_networks([noisy])
+    method([noisy], batch, step=0)
+    assert method.stochastic_passes
+    # labeled (grad), unlabeled (grad), then the pseudo-label passes: unlabeled and labeled without grad
+    assert [(c.batch, c.grad) for c in noisy.calls] == [(2, True), (2, True), (2, False), (2, False)]
+    assert torch.equal(noisy.calls[2].x, batch["unlabeled"][0]["pixel_values"])
+    assert torch.equal(noisy.calls[3].x, batch["labeled"]["pixel_values"])
 
 
 # ---- end to end through scripts/train_cps.py ----------------------------------------------------
@@ -270,8 +422,11 @@ def _follower_state(step_dir):
     return torch.load(_teacher_file(step_dir), weights_only=False)
 
 
-@pytest.mark.parametrize("method", ["mean_teacher", "mean_teacher_cutmix"])
-def test_tiny_run_trains_and_exports_the_student(demo_root, tmp_path, method):
+@pytest.mark.parametrize("method,exported_name", [("mean_teacher", "student (network 1 of 2)"),
+                                                   ("mean_teacher_cutmix", "teacher (network 2 of 2)")])
+def test_tiny_run_trains_and_exports_the_reference_network(demo_root, tmp_path, method, exported_name):
+    """PixelSSL's MT exports the student; CutMix-Seg evaluates and exports the teacher, and freezes the
+    encoder's BN statistics (--freeze_bn), which therefore never move."""
     from safetensors.torch import load_file
     from transformers import pipeline
     from PIL import Image
@@ -283,21 +438,31 @@ def test_tiny_run_trains_and_exports_the_student(demo_root, tmp_path, method):
     steps = [r for r in _read_log(out) if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3]
     for record in steps:
-        for key in ("loss", "loss_sup", "loss_mt", "cps_weight", "agreement_u"):
+        for key in ("loss", "loss_sup", "loss_mt", "cps_weight", "agreement_u", "ema_decay"):
             assert key in record, key
         assert "loss_sup_2" not in record  # one supervised network
         assert record["loss"] == pytest.approx(record["loss_sup"] + record["cps_weight"] * record["loss_mt"], rel=1e-5)
-    assert "student (network 1 of 2)" in _card_row(out / "model")
+    if method == "mean_teacher":  # lambda ramps up over 3 epochs; the EMA decay warms up
+        assert 0 < steps[0]["cps_weight"] < steps[-1]["cps_weight"]
+        assert [r["ema_decay"] for r in steps] == pytest.approx([1 - 1 / 1, 1 - 1 / 2, 1 - 1 / 3])
+    else:
+        assert [r["ema_decay"] for r in steps] == [0.99] * 3 and len({r["cps_weight"] for r in steps}) == 1
+        assert all(0 <= r["pseudo_kept_u"] <= 1 for r in steps)
+    assert exported_name in _card_row(out / "model")
 
     # The checkpoint holds the trained student (model.safetensors) and the teacher (custom state),
-    # and after 3 EMA steps they differ; model/ is the student.
+    # and after 3 EMA steps they differ; model/ is the exported one.
     step_dir = out / "step_3"
     student = load_file(step_dir / "model.safetensors")
-    teacher = _follower_state(step_dir)
+    teacher = {k: v.cpu() for k, v in _follower_state(step_dir).items()}
     exported = load_file(out / "model" / "model.safetensors")
     assert exported.keys() == student.keys()
-    assert all(torch.equal(exported[k], student[k]) for k in student)
+    expected = student if exported_name.startswith("student") else teacher
+    assert all(torch.equal(exported[k], expected[k]) for k in student)
     assert any(not torch.equal(teacher[k], student[k]) for k in student if k.endswith("weight"))
+    encoder_means = [k for k in student if k.startswith("backbone.") and k.endswith("running_mean")]
+    frozen = all(torch.equal(student[k], torch.zeros_like(student[k])) for k in encoder_means)
+    assert encoder_means and frozen == (method == "mean_teacher_cutmix")  # random init: statistics start at 0
 
     segmenter = pipeline("image-segmentation", model=str(out / "model"), subtask="semantic")
     image = Image.new("RGB", (45, 33), (120, 30, 200))
@@ -399,4 +564,4 @@ def test_two_cpu_processes_stay_in_sync(demo_root, tmp_path):
     results = json.loads((out / "all_results.json").read_text())
     assert results["num_processes"] == 2 and results["final_step"] == 3
     assert [r["step"] for r in _read_log(out) if "loss" in r] == [1, 2, 3]
-    assert "student (network 1 of 2)" in _card_row(out / "model")
+    assert "teacher (network 2 of 2)" in _card_row(out / "model")

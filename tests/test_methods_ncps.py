@@ -53,7 +53,7 @@ def test_two_networks_reproduce_cps(labeled, unlabeled, cps_on_labeled, average)
     batch = _batch(1, labeled, unlabeled)
     reference = _run("cps", 2, batch, cps_weight=1.5, cps_on_labeled=cps_on_labeled)
     ours = _run("ncps", 2, batch, cps_weight=1.5, cps_on_labeled=cps_on_labeled, num_networks=2,
-                ncps_average=average)
+                ncps_sum=not average)
     _assert_same_step(*reference, *ours)
 
 
@@ -82,7 +82,7 @@ def test_two_networks_reproduce_cps_cutmix(average, threshold):
     batch = _batch(2, labeled=2, unlabeled=3)
     key = dict(step=4, rank=1, micro_step=1, pseudo_label_threshold=threshold)
     reference = _run("cps_cutmix", 2, batch, cps_weight=1.0, **key)
-    ours = _run("ncps_cutmix", 2, batch, cps_weight=1.0, num_networks=2, ncps_average=average, **key)
+    ours = _run("ncps_cutmix", 2, batch, cps_weight=1.0, num_networks=2, ncps_sum=not average, **key)
     _assert_same_step(*reference, *ours)
     assert ("pseudo_kept_u" in ours[1].logs) == (threshold > 0)
 
@@ -90,12 +90,18 @@ def test_two_networks_reproduce_cps_cutmix(average, threshold):
 # ---- N = 3 against the pairwise formula --------------------------------------------------------
 
 
-def _cross(students, teachers, average, ignore_index=255):
-    """sum_i w sum_{j != i} CE(students[i], argmax teachers[j]), written out independently."""
+def _cross(students, teachers, average, ignore_index=255, over_all_pixels=False):
+    """sum_i w sum_{j != i} CE(students[i], argmax teachers[j]), written out independently; each CE a mean
+    over the kept pixels, or (`over_all_pixels`, UniMatch's normalisation) a sum over them / all pixels."""
     n = len(students)
     w = 1.0 / (n - 1) if average else 1.0
-    return sum(w * F.cross_entropy(students[i], teachers[j], ignore_index=ignore_index)
-               for i in range(n) for j in range(n) if i != j)
+
+    def ce(logits, target):
+        if over_all_pixels:
+            return F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum") / target.numel()
+        return F.cross_entropy(logits, target, ignore_index=ignore_index)
+
+    return sum(w * ce(students[i], teachers[j]) for i in range(n) for j in range(n) if i != j)
 
 
 def _pairwise_agreement(predictions):
@@ -109,7 +115,7 @@ def _pairwise_agreement(predictions):
 def test_three_networks_plain_loss_is_the_pairwise_sum(average, cps_on_labeled):
     labeled, unlabeled = 2, 3
     batch = _batch(1, labeled, unlabeled)
-    models, out = _run("ncps", 3, batch, cps_weight=1.5, num_networks=3, ncps_average=average,
+    models, out = _run("ncps", 3, batch, cps_weight=1.5, num_networks=3, ncps_sum=not average,
                        cps_on_labeled=cps_on_labeled)
     for model in models:
         assert [c.batch for c in model.calls] == [labeled, unlabeled]  # cps's order, per network
@@ -143,10 +149,11 @@ def test_three_networks_plain_loss_is_the_pairwise_sum(average, cps_on_labeled):
     assert 0.0 <= logs["agreement_u_fg"] <= 1.0 or logs["agreement_u_fg"] != logs["agreement_u_fg"]
 
 
-def test_averaging_divides_each_networks_cross_terms_by_n_minus_1():
+def test_the_default_divides_each_networks_cross_terms_by_n_minus_1_as_the_reference():
+    """AI-Clearing/n-cps divides the cross term by n - 1; ncps_sum keeps the plain sum."""
     batch = _batch(1)
-    summed = _run("ncps", 4, batch, cps_weight=1.0, num_networks=4)[1].logs
-    averaged = _run("ncps", 4, batch, cps_weight=1.0, num_networks=4, ncps_average=True)[1].logs
+    summed = _run("ncps", 4, batch, cps_weight=1.0, num_networks=4, ncps_sum=True)[1].logs
+    averaged = _run("ncps", 4, batch, cps_weight=1.0, num_networks=4)[1].logs
     assert averaged["loss_cps"] == pytest.approx(summed["loss_cps"] / 3, rel=1e-5)
     assert averaged["loss_sup"] == summed["loss_sup"]
 
@@ -164,7 +171,7 @@ def test_cps_on_unlabeled_off_keeps_the_labeled_term_and_skips_unlabeled_forward
 def test_three_networks_cutmix_matches_the_pairwise_formula(average):
     batch = _batch(2, labeled=2, unlabeled=3)
     models, out = _run("ncps_cutmix", 3, batch, step=7, rank=1, cps_weight=1.0, num_networks=3,
-                       ncps_average=average)
+                       ncps_sum=not average)
     method = build_method("ncps_cutmix", cross_entropy, generator_seed=5, num_networks=3)
     mask = box_mask(3, 12, 12, generator=method.generator(7, rank=1, micro_step=0))
     assert 0 < mask.mean() < 1
@@ -190,13 +197,14 @@ def test_three_networks_cutmix_matches_the_pairwise_formula(average):
             assert torch.allclose(p.grad, q.grad, atol=1e-6)
 
 
+@pytest.mark.parametrize("normalize", ["valid", "kept"])
 @pytest.mark.parametrize("name", ["ncps", "ncps_cutmix"])
-def test_pseudo_label_threshold_ignores_unconfident_pixels(name):
+def test_pseudo_label_threshold_ignores_unconfident_pixels(name, normalize):
     threshold = 0.45
     streams = 1 if name == "ncps" else 2
     batch = _batch(streams, labeled=2, unlabeled=3)
     models, out = _run(name, 3, batch, cps_weight=1.0, num_networks=3, pseudo_label_threshold=threshold,
-                       cps_on_labeled=False if name == "ncps" else None)
+                       cps_on_labeled=False if name == "ncps" else None, pseudo_label_normalize=normalize)
     fresh = _models(3)
     u0 = batch["unlabeled"][0]["pixel_values"]
     if name == "ncps":
@@ -212,7 +220,7 @@ def test_pseudo_label_threshold_ignores_unconfident_pixels(name):
     kept = [c.float().mean().item() for c in confident]
     assert all(0 < k < 1 for k in kept)  # the threshold really drops some pixels and keeps others
     targets = [t.argmax(1).masked_fill(~c, 255) for t, c in zip(teachers, confident)]
-    cps = _cross(students, targets, average=False)
+    cps = _cross(students, targets, average=True, over_all_pixels=normalize == "valid")
     assert out.logs["loss_cps"] == pytest.approx(cps.item(), abs=1e-6)
     assert [out.logs[f"pseudo_kept_u_{k}"] for k in (1, 2, 3)] == pytest.approx(kept, abs=1e-6)
     assert out.logs["pseudo_kept_u"] == pytest.approx(sum(kept) / 3, abs=1e-6)
@@ -227,7 +235,7 @@ def test_pseudo_label_threshold_ignores_unconfident_pixels(name):
 def test_network_count_names_and_options():
     trainer_options = dict(cps_weight=1.5, cps_weight_rampup_steps=0, supervised_warmup_steps=0, cps_on_labeled=None,
                            cps_on_unlabeled=None, pseudo_label_threshold=0.0, ema_decay=0.99, num_networks=4,
-                           ncps_average=False, generator_seed=0, background_index=None)
+                           ncps_sum=False, generator_seed=0, background_index=None)
     method = build_method("ncps", cross_entropy, **trainer_options)
     assert isinstance(method, NCPSMethod) and method.cps_on_labeled and method.cps_on_unlabeled
     assert method.num_models == 4 and method.trained_count == 4 and NCPSMethod.num_models == 3  # class default kept

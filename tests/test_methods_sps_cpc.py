@@ -26,7 +26,7 @@ def _zero_sup(logits, labels):
 # What the trainer passes to every method (None: the method's default).
 TRAINER_OPTIONS = dict(
     cps_weight=1.5, cps_weight_rampup_steps=0, supervised_warmup_steps=0, cps_on_labeled=None, cps_on_unlabeled=None,
-    pseudo_label_threshold=0.0, ema_decay=0.99, num_networks=3, ncps_average=False, generator_seed=0,
+    pseudo_label_threshold=0.0, ema_decay=0.99, num_networks=3, ncps_sum=False, generator_seed=0,
     background_index=0, ignore_index=255,
 )
 
@@ -40,12 +40,13 @@ def _np_softmax(z):  # (B, C, H, W)
     return e / e.sum(axis=1, keepdims=True)
 
 
-def _np_ce(z, labels, ignore=255):
-    """Mean over non-ignored pixels of -log softmax(z)[label]."""
+def _np_ce(z, labels, ignore=255, over_all_pixels=False):
+    """Mean over non-ignored pixels of -log softmax(z)[label]; `over_all_pixels`: their sum divided by
+    every pixel, UniMatch's `loss.sum() / (ignore_mask != 255).sum()` (no padding here)."""
     logp = np.log(_np_softmax(z))
     keep = labels != ignore
     picked = np.take_along_axis(logp, np.where(keep, labels, 0)[:, None], axis=1)[:, 0]
-    return -(picked * keep).sum() / max(keep.sum(), 1)
+    return -(picked * keep).sum() / (labels.size if over_all_pixels else max(keep.sum(), 1))
 
 
 def _np_cpc(z1, z2):
@@ -282,7 +283,8 @@ def test_sps_cutmix_back_propagates_only_through_the_mixed_image():
 # ---------------------------------------------------------------------------------------------
 
 
-def test_threshold_ignores_low_confidence_pixels_by_hand():
+@pytest.mark.parametrize("normalize", ["valid", "kept"])
+def test_threshold_ignores_low_confidence_pixels_by_hand(normalize):
     # Pixel A: logits (2, 0, 0, 0), confidence e^2 / (e^2 + 3) = 0.711 (kept at tau 0.5);
     # pixel B: logits (0.1, 0, 0, 0), confidence 0.269 (ignored).
     logits = torch.zeros(1, 4, 1, 2)
@@ -290,16 +292,19 @@ def test_threshold_ignores_low_confidence_pixels_by_hand():
     net = FixedLogits(logits)
     batch = {"labeled": {"pixel_values": torch.zeros(1, 3, 1, 2), "labels": torch.zeros(1, 1, 2, dtype=torch.long)},
              "unlabeled": [{"pixel_values": torch.zeros(1, 3, 1, 2)}]}
-    method = build_method("sps", _zero_sup, cps_weight=1.0, cps_on_labeled=False, pseudo_label_threshold=0.5)
+    options = {} if normalize == "valid" else {"pseudo_label_normalize": "kept"}  # valid: the default
+    method = build_method("sps", _zero_sup, cps_weight=1.0, cps_on_labeled=False, pseudo_label_threshold=0.5, **options)
     out = method([net], batch, step=0)
-    assert out.logs["loss_sps_u"] == pytest.approx(math.log(1 + 3 * math.exp(-2)), rel=1e-6)  # CE at pixel A only
+    ce_at_a = math.log(1 + 3 * math.exp(-2))
+    # UniMatch: (CE at A + 0 at B) / 2 valid pixels; kept: CE at A / 1 kept pixel (a mean over kept pixels)
+    assert out.logs["loss_sps_u"] == pytest.approx(ce_at_a / 2 if normalize == "valid" else ce_at_a, rel=1e-6)
     assert out.logs["pseudo_kept_u"] == 0.5
     out.loss.backward()
     assert torch.all(net.logits.grad[0, :, 0, 1] == 0)  # the ignored pixel gets no gradient
     assert net.logits.grad[0, :, 0, 0].abs().sum() > 0
     # All pixels below the threshold: no target left, loss 0 (not NaN), nothing kept.
     none_kept = build_method("sps", _zero_sup, cps_weight=1.0, cps_on_labeled=False,
-                             pseudo_label_threshold=0.9)([FixedLogits(logits)], batch, step=0)
+                             pseudo_label_threshold=0.9, **options)([FixedLogits(logits)], batch, step=0)
     assert none_kept.logs["loss_sps_u"] == 0.0 and none_kept.logs["pseudo_kept_u"] == 0.0
 
 
@@ -307,14 +312,17 @@ def _confidence(logits):
     return logits.detach().softmax(1).amax(1)
 
 
-def test_cps_threshold_masks_each_networks_targets_and_logs_kept_fractions():
+@pytest.mark.parametrize("normalize", ["valid", "kept"])
+def test_cps_threshold_masks_each_networks_targets_and_logs_kept_fractions(normalize):
     models = _models()
     batch = _batch(1, 2, 3)
     x_l, x_u = batch["labeled"]["pixel_values"], batch["unlabeled"][0]["pixel_values"]
     zu = [_logits(m, x_u).detach() for m in models]
     zl = [_logits(m, x_l).detach() for m in models]
     tau = float(torch.cat([_confidence(z).flatten() for z in zu + zl]).median())  # some kept, some not
-    out = build_method("cps", cross_entropy, **{**TRAINER_OPTIONS, "pseudo_label_threshold": tau})(models, batch, step=0)
+    options = {**TRAINER_OPTIONS, "pseudo_label_threshold": tau, "pseudo_label_normalize": normalize}
+    out = build_method("cps", cross_entropy, **options)(models, batch, step=0)
+    over_all = normalize == "valid"
 
     def masked_targets(z):
         return z.argmax(1).masked_fill(_confidence(z) < tau, 255)
@@ -322,7 +330,8 @@ def test_cps_threshold_masks_each_networks_targets_and_logs_kept_fractions():
     expected = {}
     for part, z, n in (("u", zu, 3), ("l", zl, 2)):
         t1, t2 = masked_targets(z[0]), masked_targets(z[1])
-        expected[f"loss_cps_{part}"] = (_np_ce(_np(z[0]), t2.numpy()) + _np_ce(_np(z[1]), t1.numpy()))
+        expected[f"loss_cps_{part}"] = (_np_ce(_np(z[0]), t2.numpy(), over_all_pixels=over_all)
+                                        + _np_ce(_np(z[1]), t1.numpy(), over_all_pixels=over_all))
         kept = [(_confidence(zk) >= tau).float().mean().item() for zk in z]
         assert 0 < min(kept) and max(kept) < 1
         expected[f"pseudo_kept_{part}_1"], expected[f"pseudo_kept_{part}_2"] = kept
@@ -349,8 +358,8 @@ def test_cps_cutmix_threshold_masks_the_mixed_teacher_targets():
                        pseudo_label_threshold=tau)(models, batch, step=2)
     targets = [z.argmax(1).masked_fill(_confidence(z) < tau, 255) for z in teacher]
     mixed = mix(u0, u1, mask)
-    cps = _np_ce(_np(_logits(models[0], mixed)), targets[1].numpy()) + _np_ce(_np(_logits(models[1], mixed)),
-                                                                               targets[0].numpy())
+    cps = (_np_ce(_np(_logits(models[0], mixed)), targets[1].numpy(), over_all_pixels=True)
+           + _np_ce(_np(_logits(models[1], mixed)), targets[0].numpy(), over_all_pixels=True))  # the default: valid
     assert out.logs["loss_cps"] == pytest.approx(cps, rel=1e-5)
     kept = [(_confidence(z) >= tau).float().mean().item() for z in teacher]
     assert out.logs["pseudo_kept_u"] == pytest.approx(sum(kept) / 2, rel=1e-6)

@@ -16,12 +16,14 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
     "cpc": ("cpc", [], "CPC (cross probability consistency)"),
     "cps": ("cps", [], "CPS"),
     "cps_cutmix": ("cps_cutmix", [], "CPS + CutMix"),
+    # the reference's form (the default): each network's N - 1 pseudo-label terms averaged, so the
+    # unlabeled weight equals CPS's
     "ncps": ("ncps", ["--num_networks", "3"], "n-CPS (N = 3)"),
-    # each network's N - 1 pseudo-label terms averaged, so the unlabeled weight equals CPS's
-    "ncps_average": ("ncps", ["--num_networks", "3", "--ncps_average"], "n-CPS (N = 3), averaged over peers"),
+    "ncps_sum": ("ncps", ["--num_networks", "3", "--ncps_sum"], "n-CPS (N = 3), summed over peers"),
+    # UniMatch's normalisation (the default): the thresholded loss is divided by all pixels
     "cps_cutmix_t0.95": ("cps_cutmix", ["--pseudo_label_threshold", "0.95"], "CPS + CutMix, threshold 0.95"),
 }
-CPS_FAMILY = ("cps", "cps_cutmix", "ncps", "ncps_average", "cps_cutmix_t0.95")
+CPS_FAMILY = ("cps", "cps_cutmix", "ncps", "ncps_sum", "cps_cutmix_t0.95")
 FIGURE_VARIANTS = ("supervised", "mean_teacher_cutmix", "cps", "cps_cutmix")  # predictions.png columns
 REFERENCE = "all"  # the fraction tag of the supervised all-labels ceiling
 

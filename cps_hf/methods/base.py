@@ -25,8 +25,11 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from ..cutmix import box_mask
 from ..errors import ConfigError
-from ..losses import agreement_counts, pseudo_labels
+from ..losses import agreement_counts, cross_entropy, pseudo_labels
+
+PSEUDO_LABEL_NORMALIZATIONS = ("valid", "kept")
 
 
 @dataclass
@@ -78,12 +81,29 @@ class Method:
         cps_weight: lambda of equation 6 (ignored by ``supervised``).
         cps_weight_rampup_steps: if > 0, lambda is multiplied by a sigmoid ramp-up over that many
             steps (counted after the warm-up). The paper's presets do not use it.
+        cps_weight_rampup_epochs: the same ramp-up given in epochs (passes over the unlabeled set),
+            turned into steps by `set_steps_per_epoch`; None: the method's `default_rampup_epochs`
+            (3 for the mean teacher, as PixelSSL; 0 elsewhere), unless `cps_weight_rampup_steps` is set.
         supervised_warmup_steps: lambda is 0 for the first N steps. The paper's presets do not use it.
         ignore_index: label value of unlabelled pixels.
         background_index: class left out of ``agreement_*_fg`` (Figure 7 ignores background);
             None to skip that log (e.g. Cityscapes, which has no background class).
         generator_seed: seed of the CutMix masks; the masks of a call depend on (seed, step, rank,
             micro_step) only, so a resumed run draws the same masks.
+        pseudo_label_threshold: pseudo-labelled pixels whose softmax confidence is below it are
+            ignored (0: off, the paper).
+        cutmix_num_boxes / cutmix_area_range: the box mask of the CutMix methods (boxes per mask, and
+            the range of the area they cover together); None: the method's own (CPS's 3 boxes of
+            0.25-0.5, CutMix-Seg's 1 box of 0.5).
+        freeze_bn: keep the encoder's BatchNorm layers in eval mode (running statistics fixed, affine
+            parameters still trained), in every network; None: the method's default (on for
+            CutMix-Seg, whose scripts all pass --freeze_bn; off elsewhere).
+        pseudo_label_normalize: what a thresholded pseudo-label loss is divided by: "valid" (every
+            pixel that has a pseudo label before thresholding, as UniMatch's ``loss.sum() /
+            (ignore_mask != 255).sum()``: the dropped pixels count as zeros, so lambda keeps its
+            meaning whatever the kept fraction) or "kept" (only the confident pixels, a plain mean
+            with ignore_index; its effective lambda grows as 1 / kept fraction). No effect at
+            threshold 0.
     """
 
     name: str = "base"
@@ -92,17 +112,25 @@ class Method:
     num_unlabeled_streams: int = 0  # unlabeled batches per step (CutMix forms mix two)
     network_names: tuple[str, ...] = ()  # names for --export_network (default: network_1, network_2, ...)
     default_export: str = "network_1"  # what model/ holds unless --export_network says otherwise
+    default_rampup_epochs: float = 0.0  # sigmoid ramp-up of lambda, in epochs, unless the user sets one
+    default_cutmix_boxes: tuple[int, tuple[float, float]] = (3, (0.25, 0.5))  # CPS's box mask
+    default_freeze_bn: bool = False  # encoder BatchNorms in eval mode (CutMix-Seg's --freeze_bn)
 
     def __init__(
         self,
         sup_criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         cps_weight: float = 0.0,
         cps_weight_rampup_steps: int = 0,
+        cps_weight_rampup_epochs: float | None = None,
         supervised_warmup_steps: int = 0,
         ignore_index: int = 255,
         background_index: int | None = 0,
         generator_seed: int = 0,
         pseudo_label_threshold: float = 0.0,
+        pseudo_label_normalize: str = "valid",
+        cutmix_num_boxes: int | None = None,
+        cutmix_area_range: Sequence[float] | None = None,
+        freeze_bn: bool | None = None,
     ):
         if cps_weight < 0:
             raise ValueError(f"cps_weight must be >= 0, got {cps_weight}")
@@ -114,6 +142,22 @@ class Method:
         self.sup_criterion = sup_criterion
         self.cps_weight = float(cps_weight)
         self.cps_weight_rampup_steps = int(cps_weight_rampup_steps)
+        if cps_weight_rampup_epochs is not None and cps_weight_rampup_steps:
+            raise ValueError("give the lambda ramp-up once: cps_weight_rampup_steps or cps_weight_rampup_epochs")
+        if cps_weight_rampup_epochs is None:
+            cps_weight_rampup_epochs = 0.0 if cps_weight_rampup_steps else self.default_rampup_epochs
+        if cps_weight_rampup_epochs < 0:
+            raise ValueError(f"cps_weight_rampup_epochs must be >= 0, got {cps_weight_rampup_epochs}")
+        self.cps_weight_rampup_epochs = float(cps_weight_rampup_epochs)
+        self.steps_per_epoch: int | None = None
+        self.freeze_bn = self.default_freeze_bn if freeze_bn is None else bool(freeze_bn)
+        default_boxes, default_area = self.default_cutmix_boxes
+        self.cutmix_num_boxes = int(default_boxes if cutmix_num_boxes is None else cutmix_num_boxes)
+        self.cutmix_area_range = tuple(float(v) for v in (default_area if cutmix_area_range is None else cutmix_area_range))
+        if self.cutmix_num_boxes < 1:
+            raise ValueError(f"cutmix_num_boxes must be >= 1, got {self.cutmix_num_boxes}")
+        if len(self.cutmix_area_range) != 2 or not 0 < self.cutmix_area_range[0] <= self.cutmix_area_range[1] <= 1:
+            raise ValueError(f"cutmix_area_range needs two values 0 < low <= high <= 1, got {list(self.cutmix_area_range)}")
         self.supervised_warmup_steps = int(supervised_warmup_steps)
         self.ignore_index = ignore_index
         self.background_index = background_index
@@ -121,9 +165,22 @@ class Method:
         if not 0 <= pseudo_label_threshold < 1:
             raise ValueError(f"pseudo_label_threshold must be in [0, 1), got {pseudo_label_threshold}")
         self.pseudo_label_threshold = float(pseudo_label_threshold)
+        if pseudo_label_normalize not in PSEUDO_LABEL_NORMALIZATIONS:
+            raise ValueError(f"pseudo_label_normalize must be one of {', '.join(PSEUDO_LABEL_NORMALIZATIONS)}, "
+                             f"got {pseudo_label_normalize!r}")
+        self.pseudo_label_normalize = pseudo_label_normalize
+
+    def set_steps_per_epoch(self, steps_per_epoch: int) -> None:
+        """Called by the trainer once the data are known: an epoch-based ramp-up becomes steps."""
+        self.steps_per_epoch = int(steps_per_epoch)
+        if self.cps_weight_rampup_epochs > 0:
+            self.cps_weight_rampup_steps = max(1, round(self.cps_weight_rampup_epochs * self.steps_per_epoch))
 
     def cps_weight_at(self, step: int) -> float:
         """lambda at `step`: 0 during the supervised warm-up, then the (optionally ramped) weight."""
+        if self.cps_weight_rampup_epochs > 0 and self.steps_per_epoch is None:
+            raise RuntimeError(f"method {self.name!r}: its lambda ramp-up is {self.cps_weight_rampup_epochs:g} "
+                               "epochs; call set_steps_per_epoch first (or pass cps_weight_rampup_epochs=0)")
         if step < self.supervised_warmup_steps:
             return 0.0
         return self.cps_weight * sigmoid_rampup(step - self.supervised_warmup_steps, self.cps_weight_rampup_steps)
@@ -163,7 +220,15 @@ class Method:
 
     def init_networks(self, networks: Sequence[torch.nn.Module]) -> None:
         """Called once on the freshly built networks, before the optimizer sees them (e.g. a mean
-        teacher starts as a copy of its student). Default: nothing."""
+        teacher starts as a copy of its student). Here: `freeze_bn`, if on. Subclasses call it."""
+        if not self.freeze_bn:
+            return
+        for network in networks:
+            freeze = getattr(network, "freeze_backbone_batchnorm", None)
+            if freeze is None:
+                raise ValueError(f"method {self.name!r}: freeze_bn needs networks with freeze_backbone_batchnorm(), "
+                                 f"got {type(network).__name__}")
+            freeze()
 
     def after_optimizer_step(self, networks: Sequence[torch.nn.Module], step: int) -> None:
         """Called after every optimizer update (not after a skipped one), e.g. for an EMA teacher.
@@ -186,6 +251,12 @@ class Method:
 
     # -- helpers shared by the methods -------------------------------------------------------
 
+    def cutmix_mask(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """One box mask per image of `images` (B, C, H, W), from `generator`, with this method's boxes."""
+        batch_size, _, height, width = images.shape
+        return box_mask(batch_size, height, width, generator=generator, prop_range=self.cutmix_area_range,
+                        n_boxes=self.cutmix_num_boxes, device=images.device)
+
     def pseudo_targets(self, logits: torch.Tensor, predictions: torch.Tensor | None = None,
                        logs: "StepLogs | None" = None, log_name: str = "pseudo_kept_u") -> torch.Tensor:
         """Pseudo labels for a loss: the argmax (`predictions`, if already computed), and with
@@ -200,6 +271,19 @@ class Method:
             if logs is not None:
                 logs.add(log_name, confident.float().mean())
             return predictions.masked_fill(~confident, self.ignore_index)
+
+    def pseudo_denominator(self, targets: torch.Tensor) -> int | None:
+        """What a pseudo-label cross-entropy on `targets` divides its sum by: None (the kept pixels, the
+        plain mean) unless a threshold is on and `pseudo_label_normalize` is "valid"; then every pixel of
+        `targets`, since an argmax pseudo label exists at every pixel before thresholding (UniMatch also
+        leaves out the padding of unlabeled crops; our unlabeled crops carry no padding mask)."""
+        if self.pseudo_label_threshold > 0 and self.pseudo_label_normalize == "valid":
+            return targets.numel()
+        return None
+
+    def pseudo_cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy against pseudo labels from `pseudo_targets`, normalised per `pseudo_label_normalize`."""
+        return cross_entropy(logits, targets, self.ignore_index, self.pseudo_denominator(targets))
 
     def _check_inputs(self, models, batch) -> None:
         if len(models) != self.num_models:
@@ -273,6 +357,19 @@ def pixel_weighted(loss_l, logits_l: torch.Tensor, loss_u, logits_u: torch.Tenso
 
 def logits_of(model, pixel_values: torch.Tensor) -> torch.Tensor:
     return model(pixel_values=pixel_values).logits
+
+
+def has_stochastic_layers(network: torch.nn.Module) -> bool:
+    """Whether two train-mode passes of `network` on the same input can differ: a dropout layer with
+    p > 0 or a drop-path (stochastic depth, timm's DropPath) with a rate > 0."""
+    from timm.layers import DropPath
+
+    for module in network.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0:
+            return True
+        if isinstance(module, DropPath) and module.drop_prob > 0:
+            return True
+    return False
 
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..cutmix import box_mask, mix
+from ..cutmix import mix
 from ..losses import cross_supervision, pseudo_labels
 from .base import Method, MethodOutput, StepLogs, logits_of, pixel_weighted, register_method
 
@@ -68,7 +68,8 @@ class CPSMethod(Method):
     ``supervised`` with a second network.
 
     ``pseudo_label_threshold`` tau > 0 (not in the paper): each network's argmax pixels with softmax
-    confidence below tau are ignored as targets for the other network (``Method.pseudo_targets``);
+    confidence below tau are ignored as targets for the other network (``Method.pseudo_targets``), and
+    each cross-entropy is divided by all pseudo-labelled pixels (``pseudo_label_normalize``);
     ``pseudo_kept_u`` / ``pseudo_kept_l`` log the kept fraction (mean over the two networks, each
     network's own as ``pseudo_kept_u_1``, ...). The agreement logs always compare the raw argmaxes.
     tau = 0 passes the argmax itself: bit-identical to the method without the option.
@@ -104,11 +105,13 @@ class CPSMethod(Method):
                 predictions_u = [pseudo_labels(logits) for logits in logits_u]
                 targets_u = _cross_targets(self, logits_u, predictions_u, logs, "u")
                 # == cps_loss(*logits_u) at threshold 0, equation 5 on the unlabelled batch
-                loss_cps_u = cross_supervision(*logits_u, *targets_u, self.ignore_index)
+                loss_cps_u = cross_supervision(*logits_u, *targets_u, self.ignore_index,
+                                               self.pseudo_denominator(targets_u[0]))
                 logs.add("loss_cps_u", loss_cps_u)
             if self.cps_on_labeled:
                 targets_l = _cross_targets(self, logits_l, predictions_l, logs, "l")
-                loss_cps_l = cross_supervision(*logits_l, *targets_l, self.ignore_index)
+                loss_cps_l = cross_supervision(*logits_l, *targets_l, self.ignore_index,
+                                               self.pseudo_denominator(targets_l[0]))
                 logs.add("loss_cps_l", loss_cps_l)
             loss_cps = pixel_weighted(loss_cps_l, logits_l[0], loss_cps_u, logits_u[0] if logits_u else None)
             logs.add("loss_cps", loss_cps)
@@ -175,8 +178,7 @@ class CPSCutMixMethod(Method):
 
         loss_cps = None
         if weight > 0:
-            batch_size, _, height, width = u0.shape
-            mask = box_mask(batch_size, height, width, generator=generator, device=u0.device)
+            mask = self.cutmix_mask(u0, generator)
             with torch.no_grad():
                 targets, kept = [], _KeptFractions(logs)
                 for k, model in enumerate(models, start=1):
@@ -186,7 +188,7 @@ class CPSCutMixMethod(Method):
                 kept.log_mean("pseudo_kept_u")
             mixed_images = mix(u0, u1, mask.to(u0.dtype))
             student_logits = [logits_of(model, mixed_images) for model in models]
-            loss_cps = cross_supervision(*student_logits, *targets, self.ignore_index)
+            loss_cps = cross_supervision(*student_logits, *targets, self.ignore_index, self.pseudo_denominator(targets[0]))
             logs.add("loss_cps", loss_cps)
             logs.add("loss_cps_u", loss_cps)
             self._log_agreement("agreement_u", *(pseudo_labels(logits) for logits in student_logits), logs)

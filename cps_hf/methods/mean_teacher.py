@@ -4,62 +4,61 @@ Networks: ``[student, teacher]``. Only the student is optimised; the teacher is 
 an exponential moving average of the student, never in the optimizer or DDP, saved with the
 checkpoints as custom state.
 
-Design choices (and where they come from):
+The paper's MT and CutMix-Seg numbers come from two public codebases, and each method here
+defaults to what its codebase (and its experiment scripts) does; every setting is a flag, so the
+other form is one flag away.
 
-- **Consistency form.** Eq. 8 has no one-hot map Y (compare eq. 3, 9 and 10, which write the
-  argmax step ``P -> Y`` explicitly), and the text says the consistency "aims to align the
-  probability map P_1 of X_1 predicted by the student network to the probability map P_2 of X_2
-  predicted by the teacher network". Both implementations the paper's tables ran for it use a
-  squared-error consistency, not pseudo labels: the MT rows come from GCT's PixelSSL
-  (``ssl_mt.py``: ``nn.MSELoss`` between student and teacher outputs) and CutMix-Seg from
-  French et al.'s code (default ``cons_loss_fn='var'``: squared difference of the softmax
-  probabilities, summed over classes, averaged over pixels). So the default,
-  ``consistency="probability"``, is
+``mean_teacher``: PixelSSL (``ZHKKKe/PixelSSL``, ``ssl_mt.py`` with its DeepLab VOC MT script):
 
-      L_mt = 1/(B H W) sum_{b,i} m_{bi} * || softmax(s_{bi}) - softmax(t_{bi}) ||_2^2
+- consistency ``logit_mse``: ``nn.MSELoss`` between the student's and the teacher's *logits*, a mean
+  over batch, classes and pixels (``--mt_consistency``);
+- lambda ramped up with ``exp(-5 (1 - t)^2)`` over the first 3 epochs, per iteration
+  (``--cps_weight_rampup_epochs``; its scripts use ``cons_scale`` 1 and 3 epochs);
+- EMA decay ``min(1 - 1/(t + 1), 0.99)``: the teacher follows the student closely at first
+  (``--mt_ema_warmup``); parameters only, the teacher's BN statistics are its own (``--mt_ema_buffers``);
+- no input noise: its Gaussian noise is off by default (``--mt_noise_std``; this package used 0.1
+  before);
+- consistency on unlabeled images only (its scripts set ``cons_for_labeled`` off); the student is
+  exported (PixelSSL reports both; ``--export_network teacher`` for the other).
 
-  with m = 1 everywhere, or, with ``pseudo_label_threshold`` > 0, m = 1 only where the teacher's
-  top softmax probability reaches the threshold (French's ``conf_thresh``, per pixel; masked
-  pixels count as zeros in the mean, as there). ``consistency="pseudo_label"`` instead trains the
-  student with cross-entropy on the teacher's (thresholded) argmax, i.e. CPS's supervision form
-  with an EMA teacher; its mean is over the kept pixels, like every CE in this package. Both
-  forms take their mask from ``Method.pseudo_targets``, so ``--pseudo_label_threshold`` and the
-  ``pseudo_kept_u`` log work for both. (``consistency`` is a constructor argument; the trainer
-  does not pass one, so ``--method mean_teacher`` runs the probability form.)
-- **EMA of the BN buffers.** After every optimizer update, for every *floating-point* entry of the
-  state dict, i.e. parameters *and* BN ``running_mean``/``running_var``:
-  ``teacher = decay * teacher + (1 - decay) * student``, with a fixed decay (``ema_decay``,
-  0.99 by default as CutMix-Seg's ``teacher_alpha``). This is what French et al.'s
-  ``EMAWeightOptimizer`` does (it averages every float tensor of ``state_dict()``), so the
-  teacher's running statistics belong to the averaged weights instead of being copied from a
-  student whose weights differ. Integer buffers (``num_batches_tracked``) cannot be averaged and
-  are copied from the student (French leaves them alone; with BN momentum set they are unused).
-  ``init_networks`` copies the whole state dict, so the teacher starts as the student.
-- **Teacher mode.** The teacher runs under ``torch.no_grad()`` in the mode the loop set, i.e.
-  train mode, like both reference implementations (French: ``teacher_net.train()``; PixelSSL:
-  ``self.t_model.train()``) and like CPS's own pseudo-label forwards: its BN normalises with the
-  batch's statistics (so its outputs do not depend on rank-local running statistics) and updates
-  its running statistics, which the EMA then blends with the student's. Without SyncBN those
-  running statistics differ between DDP ranks until the loop broadcasts rank 0's buffers (before
-  evaluation, export and the fingerprint), exactly as for the student.
-- **Second view (``mean_teacher`` only).** The data streams give one augmented unlabeled batch
-  per step. The teacher sees it as is (X_2); the student sees X_1 = X_2 + sigma * N(0, 1), a
-  Gaussian-noise input perturbation (PixelSSL's MT perturbation, ``--gaussian-noise-std``) on the
-  normalised tensor, sigma = ``student_noise_std`` (0.1 by default; 0 gives both networks the same
-  input, PixelSSL's default). The noise is drawn on the images' device from a seed taken from the
-  call's ``generator``, so it depends on (seed, step, rank, micro_step) only and a resumed run
-  draws the same noise. No geometric change, so pixel i of both views is the same pixel.
-- **CutMix (``mean_teacher_cutmix``).** As CutMix-Seg (unpaired mode): the teacher runs on u0 and
-  u1 (two unlabeled streams), its logits are mixed with the box mask M, and the student's
-  prediction on ``u0 * (1 - M) + u1 * M`` is trained towards them. CutMix is the perturbation;
-  no noise is added.
+``mean_teacher_cutmix``: CutMix-Seg (``Britefury/cutmix-semisup-seg``, ``train_seg_semisup_mask_mt.py``
+with the flags of its CutMix experiment scripts):
 
-L = L_s(student) + lambda * L_mt with lambda = ``cps_weight_at(step)`` (``--cps_weight`` with its
-warm-up/ramp-up). The consistency is on unlabeled images only (PixelSSL's ``cons_for_labeled``
-default, CutMix-Seg). Logs: ``loss``, ``loss_sup``, ``loss_mt``, ``cps_weight``, ``agreement_u``
-(+ ``_fg``: student vs teacher argmax on the unlabeled images the loss compares) and, with a
-threshold, ``pseudo_kept_u``. During the warm-up (lambda = 0) the teacher and unlabeled forwards
-are skipped, as in the CPS methods.
+- the teacher's logits on u0 and u1, mixed with the box mask, give the target of the student's
+  prediction on the mixed image; consistency ``probability``: squared difference of the softmaxes,
+  summed over classes, mean over pixels (its ``cons_loss_fn='var'``);
+- confidence ``--conf_thresh=0.97`` with ``conf_per_pixel`` off: the loss is multiplied by the
+  *fraction* of pixels (whole batch) whose mixed-teacher confidence reaches 0.97, a scalar that
+  also acts as a ramp-up early on (``--pseudo_label_threshold``, ``--mt_confidence_weighting``);
+- one box covering 50% of the image (``--mask_prop_range=0.5``, one box; ``--cutmix_num_boxes``,
+  ``--cutmix_area_range``);
+- ``--freeze_bn``: the encoder's BatchNorms stay in eval mode (their statistics frozen, their
+  affine parameters trained, as its DeepLabv3+ does), for student and teacher (``--freeze_bn``);
+- fixed EMA decay 0.99 over every floating-point state entry, BN statistics included (its
+  ``EMAWeightOptimizer``); no ramp-up;
+- the **teacher** is evaluated and exported (its ``eval_net = teacher_net``).
+
+Both run the teacher under ``torch.no_grad()`` in the loop's (train) mode, like both references, so
+its BN normalises with the batch's statistics. Integer buffers (``num_batches_tracked``) are copied
+from the student when buffers are averaged. ``init_networks`` copies the whole state dict, so the
+teacher starts as the student.
+
+Consistency forms (per pixel i of the unlabeled batch, then combined over pixels):
+
+- ``logit_mse``: ``mean_c (s_ic - t_ic)^2``;
+- ``probability``: ``sum_c (softmax(s)_ic - softmax(t)_ic)^2``;
+- ``pseudo_label``: ``CE(s_i, argmax t_i)``, CPS's supervision form with an EMA teacher.
+
+With ``pseudo_label_threshold`` 0 the loss is their mean over all pixels. With a threshold, pixel i
+is confident when the teacher's top softmax probability reaches it, and
+``--mt_confidence_weighting`` ``fraction`` multiplies that mean by the fraction of confident
+pixels (CutMix-Seg), ``pixel`` keeps the confident pixels only and divides by all pixels
+(``--pseudo_label_normalize valid``, French's ``conf_per_pixel``) or by the confident ones (``kept``).
+
+L = L_s(student) + lambda * L_mt with lambda = ``cps_weight_at(step)``. Logs: ``loss``, ``loss_sup``,
+``loss_mt``, ``cps_weight``, ``ema_decay``, ``agreement_u`` (+ ``_fg``: student vs teacher argmax on
+the unlabeled images the loss compares) and, with a threshold, ``pseudo_kept_u``. While lambda is 0
+(warm-up) the teacher and unlabeled forwards are skipped, as in the CPS methods.
 """
 
 from __future__ import annotations
@@ -67,24 +66,28 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
-from ..cutmix import box_mask, mix
-from ..losses import cross_entropy, pseudo_labels
+from ..cutmix import mix
+from ..losses import pseudo_labels
 from .base import Method, MethodOutput, StepLogs, logits_of, register_method
 
-CONSISTENCIES = ("probability", "pseudo_label")
+CONSISTENCIES = ("logit_mse", "probability", "pseudo_label")
+CONFIDENCE_WEIGHTINGS = ("fraction", "pixel")
 
 
 @register_method
 class MeanTeacherMethod(Method):
-    """Mean teacher (eq. 8, Figure 1c): an EMA teacher's predictions on the unlabeled batch supervise
-    the student's predictions on a noised view of it. See the module docstring for the choices.
+    """Mean teacher (eq. 8, Figure 1c) as PixelSSL runs it: an EMA teacher's logits on the unlabeled
+    batch supervise the student's. See the module docstring for the settings and their sources.
 
-    Args (besides `Method`'s):
-        ema_decay: the teacher's EMA decay, in [0, 1].
-        consistency: "probability" (squared error of the softmax maps, default) or "pseudo_label"
-            (CE on the teacher's argmax).
+    Args (besides `Method`'s; None takes the method's default, the reference's):
+        ema_decay: the teacher's EMA decay (its cap when `ema_warmup`), in [0, 1].
+        consistency: "logit_mse", "probability" or "pseudo_label".
         student_noise_std: std of the Gaussian noise added to the student's view (0: none).
+        ema_warmup: decay min(1 - 1/(t + 1), ema_decay) at update t (0-based) instead of ema_decay.
+        ema_buffers: also average the BN running statistics (else the teacher keeps its own).
+        confidence_weighting: "fraction" or "pixel" (only with a threshold).
         cps_on_labeled / cps_on_unlabeled: accepted so the trainer's flags are not silently
             ignored; the consistency is on unlabeled images only.
     """
@@ -95,13 +98,20 @@ class MeanTeacherMethod(Method):
     num_unlabeled_streams = 1
     network_names = ("student", "teacher")
     default_export = "student"
+    default_rampup_epochs = 3.0  # PixelSSL's sseg MT scripts: cons_rampup_epochs 3
+    defaults = dict(consistency="logit_mse", student_noise_std=0.0, ema_warmup=True, ema_buffers=False,
+                    confidence_weighting="pixel", pseudo_label_threshold=0.0)
 
     def __init__(
         self,
         sup_criterion,
         ema_decay: float = 0.99,
-        consistency: str = "probability",
-        student_noise_std: float = 0.1,
+        consistency: str | None = None,
+        student_noise_std: float | None = None,
+        ema_warmup: bool | None = None,
+        ema_buffers: bool | None = None,
+        confidence_weighting: str | None = None,
+        pseudo_label_threshold: float | None = None,
         cps_on_labeled: bool | None = None,
         cps_on_unlabeled: bool | None = None,
         **kwargs,
@@ -112,22 +122,34 @@ class MeanTeacherMethod(Method):
         if cps_on_unlabeled is False:
             raise ValueError(f"method {self.name!r} has no consistency term without unlabeled images; "
                              "cps_on_unlabeled=False is not supported for it (use --method supervised)")
-        super().__init__(sup_criterion, **kwargs)
+        given = dict(consistency=consistency, student_noise_std=student_noise_std, ema_warmup=ema_warmup,
+                     ema_buffers=ema_buffers, confidence_weighting=confidence_weighting,
+                     pseudo_label_threshold=pseudo_label_threshold)
+        settings = {key: self.defaults[key] if value is None else value for key, value in given.items()}
+        super().__init__(sup_criterion, pseudo_label_threshold=settings["pseudo_label_threshold"], **kwargs)
         if not 0.0 <= ema_decay <= 1.0:
             raise ValueError(f"ema_decay must be in [0, 1], got {ema_decay}")
-        if consistency not in CONSISTENCIES:
-            raise ValueError(f"consistency must be one of {', '.join(CONSISTENCIES)}, got {consistency!r}")
-        if student_noise_std < 0:
-            raise ValueError(f"student_noise_std must be >= 0, got {student_noise_std}")
+        if settings["consistency"] not in CONSISTENCIES:
+            raise ValueError(f"consistency must be one of {', '.join(CONSISTENCIES)}, got {settings['consistency']!r}")
+        if settings["confidence_weighting"] not in CONFIDENCE_WEIGHTINGS:
+            raise ValueError(f"confidence_weighting must be one of {', '.join(CONFIDENCE_WEIGHTINGS)}, "
+                             f"got {settings['confidence_weighting']!r}")
+        if settings["student_noise_std"] < 0:
+            raise ValueError(f"student_noise_std must be >= 0, got {settings['student_noise_std']}")
         self.ema_decay = float(ema_decay)
-        self.consistency = consistency
-        self.student_noise_std = float(student_noise_std)
+        self.consistency = settings["consistency"]
+        self.student_noise_std = float(settings["student_noise_std"])
+        self.ema_warmup = bool(settings["ema_warmup"])
+        self.ema_buffers = bool(settings["ema_buffers"])
+        self.confidence_weighting = settings["confidence_weighting"]
 
     # -- the teacher ---------------------------------------------------------------------------
 
     @staticmethod
-    def _paired_states(networks: Sequence[torch.nn.Module]):
-        student, teacher = networks[0], networks[1]
+    def _paired(student: torch.nn.Module, teacher: torch.nn.Module, state: bool):
+        """(teacher tensor, student tensor) pairs: the whole state dict, or the parameters only."""
+        if not state:
+            return list(zip(teacher.parameters(), student.parameters()))
         student_state, teacher_state = student.state_dict(), teacher.state_dict()
         if student_state.keys() != teacher_state.keys():
             raise ValueError("mean teacher: student and teacher have different state dict keys "
@@ -136,16 +158,23 @@ class MeanTeacherMethod(Method):
 
     def init_networks(self, networks: Sequence[torch.nn.Module]) -> None:
         """The teacher starts as an exact copy of the student (parameters and buffers)."""
+        super().init_networks(networks)  # --freeze_bn
         with torch.no_grad():
-            for teacher_tensor, student_tensor in self._paired_states(networks):
+            for teacher_tensor, student_tensor in self._paired(networks[0], networks[1], state=True):
                 teacher_tensor.copy_(student_tensor)
 
+    def ema_decay_at(self, step: int) -> float:
+        """The decay of the update after optimizer step `step` (0-based)."""
+        if self.ema_warmup:
+            return min(1.0 - 1.0 / (step + 1), self.ema_decay)
+        return self.ema_decay
+
     def after_optimizer_step(self, networks: Sequence[torch.nn.Module], step: int) -> None:
-        """teacher = decay * teacher + (1 - decay) * student for every floating-point parameter and
-        buffer (BN running statistics included, as French et al.); integer buffers are copied."""
-        decay = self.ema_decay
+        """teacher = decay * teacher + (1 - decay) * student for every parameter, and with `ema_buffers`
+        every floating-point buffer too (integer buffers are then copied)."""
+        decay = self.ema_decay_at(step)
         with torch.no_grad():
-            for teacher_tensor, student_tensor in self._paired_states(networks):
+            for teacher_tensor, student_tensor in self._paired(networks[0], networks[1], state=self.ema_buffers):
                 if teacher_tensor.is_floating_point():
                     teacher_tensor.mul_(decay).add_(student_tensor.to(teacher_tensor.dtype), alpha=1.0 - decay)
                 else:
@@ -163,18 +192,32 @@ class MeanTeacherMethod(Method):
         noise = torch.randn(images.shape, generator=device_generator, device=images.device, dtype=images.dtype)
         return images + self.student_noise_std * noise
 
+    def per_pixel_consistency(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                              teacher_predictions: torch.Tensor) -> torch.Tensor:
+        """(B, H, W) consistency between the student's logits and the (detached) teacher's."""
+        if self.consistency == "pseudo_label":
+            return F.cross_entropy(student_logits.float(), teacher_predictions, reduction="none")
+        student, teacher = student_logits.float(), teacher_logits.float()
+        if self.consistency == "logit_mse":
+            return (student - teacher).square().mean(dim=1)
+        return (student.softmax(dim=1) - teacher.softmax(dim=1)).square().sum(dim=1)
+
     def consistency_loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                          logs: StepLogs | None = None, teacher_predictions: torch.Tensor | None = None) -> torch.Tensor:
-        """L_mt between the student's logits and the (detached) teacher's, per `self.consistency`."""
+        """L_mt between the student's logits and the (detached) teacher's, per `self.consistency` and,
+        with a threshold, `self.confidence_weighting` (see the module docstring)."""
         teacher_logits = teacher_logits.detach()
+        if teacher_predictions is None:
+            teacher_predictions = pseudo_labels(teacher_logits)
         targets = self.pseudo_targets(teacher_logits, teacher_predictions, logs, "pseudo_kept_u")
-        if self.consistency == "pseudo_label":
-            return cross_entropy(student_logits, targets, self.ignore_index)
-        difference = student_logits.float().softmax(dim=1) - teacher_logits.float().softmax(dim=1)
-        per_pixel = difference.square().sum(dim=1)  # (B, H, W)
-        if self.pseudo_label_threshold > 0:
-            per_pixel = per_pixel * (targets != self.ignore_index).to(per_pixel.dtype)
-        return per_pixel.mean()
+        per_pixel = self.per_pixel_consistency(student_logits, teacher_logits, teacher_predictions)
+        if self.pseudo_label_threshold <= 0:
+            return per_pixel.mean()
+        confident = (targets != self.ignore_index).to(per_pixel.dtype)
+        if self.confidence_weighting == "fraction":
+            return per_pixel.mean() * confident.mean()
+        denominator = self.pseudo_denominator(targets)
+        return (per_pixel * confident).sum() / (denominator or confident.sum().clamp(min=1))
 
     def _finish(self, loss_sup, student_logits, teacher_logits, weight, logs: StepLogs) -> MethodOutput:
         loss = loss_sup
@@ -193,6 +236,7 @@ class MeanTeacherMethod(Method):
         labeled, unlabeled = batch["labeled"], batch["unlabeled"][0]["pixel_values"]
         weight = self.cps_weight_at(step)
         logs.add("cps_weight", weight)
+        logs.add("ema_decay", self.ema_decay_at(step))
 
         loss_sup = self._supervised_losses([logits_of(student, labeled["pixel_values"])], labeled["labels"], logs)
         student_logits = teacher_logits = None
@@ -205,20 +249,23 @@ class MeanTeacherMethod(Method):
 
 @register_method
 class MeanTeacherCutMixMethod(MeanTeacherMethod):
-    """CutMix-Seg (French et al.): the EMA teacher's logits on u0 and u1, mixed with the box mask M,
-    supervise the student's prediction on the mixed image u0 * (1 - M) + u1 * M.
+    """CutMix-Seg (French et al.) as its CutMix experiment scripts run it: the EMA teacher's logits on u0
+    and u1, mixed with the box mask M, supervise the student's prediction on u0 * (1 - M) + u1 * M,
+    weighted by the fraction of confident teacher pixels; the teacher is exported.
 
-    One mask per sample, drawn from `generator` as in ``cps_cutmix``; u0 and u1 come from two
-    unlabeled streams. Same consistency forms, EMA, teacher mode and logs as ``mean_teacher``
-    (``agreement_u`` compares the student with the mixed teacher argmax on the mixed images). No
-    noise view: CutMix is the perturbation (CutMix-Seg's unpaired mode, its default).
+    One mask per sample, drawn from `generator` as in ``cps_cutmix`` (one 50% box by default); u0 and
+    u1 come from two unlabeled streams. ``agreement_u`` compares the student with the mixed teacher
+    argmax on the mixed images. No noise view: CutMix is the perturbation (CutMix-Seg's unpaired mode).
     """
 
     name = "mean_teacher_cutmix"
     num_unlabeled_streams = 2
-
-    def __init__(self, sup_criterion, student_noise_std: float = 0.0, **kwargs):
-        super().__init__(sup_criterion, student_noise_std=student_noise_std, **kwargs)
+    default_export = "teacher"  # CutMix-Seg evaluates eval_net = teacher_net
+    default_rampup_epochs = 0.0  # its rampup flag is -1 (off)
+    default_freeze_bn = True  # every CutMix-Seg script passes --freeze_bn
+    default_cutmix_boxes = (1, (0.5, 0.5))  # --mask_prop_range=0.5, boxmask_n_boxes 1
+    defaults = dict(consistency="probability", student_noise_std=0.0, ema_warmup=False, ema_buffers=True,
+                    confidence_weighting="fraction", pseudo_label_threshold=0.97)
 
     def compute(self, models, batch, step, generator):
         logs = StepLogs()
@@ -233,12 +280,12 @@ class MeanTeacherCutMixMethod(MeanTeacherMethod):
             )
         weight = self.cps_weight_at(step)
         logs.add("cps_weight", weight)
+        logs.add("ema_decay", self.ema_decay_at(step))
 
         loss_sup = self._supervised_losses([logits_of(student, labeled["pixel_values"])], labeled["labels"], logs)
         student_logits = teacher_logits = None
         if weight > 0:
-            batch_size, _, height, width = u0.shape
-            mask = box_mask(batch_size, height, width, generator=generator, device=u0.device)
+            mask = self.cutmix_mask(u0, generator)
             with torch.no_grad():
                 teacher_logits = mix(logits_of(teacher, u0), logits_of(teacher, u1), mask)
             mixed_images = mix(u0, u1, mask.to(u0.dtype))

@@ -2,20 +2,26 @@
 
 Every network is supervised by the argmax of every other network:
 
-    L_cps = sum_i w * sum_{j != i} CE(p_i, y_j),   w = 1 (default) or 1 / (N - 1) (``ncps_average``)
+    L_cps = sum_i w * sum_{j != i} CE(p_i, y_j),   w = 1 / (N - 1) (default) or 1 (``ncps_sum``)
 
 and L_s sums the supervision loss over all N networks. With N = 2 (and either w) this is exactly
-the CPS loss of cps.py, ``CE(p_1, y_2) + CE(p_2, y_1)``, added in the same order, so ``ncps`` and
+the CPS loss of cps.py, ``CE(p_1, y_2) + CE(p_2, y_1)``, added in the same order (w = 1/(N-1) = 1 is not
+applied, so no rounding differs), so ``ncps`` and
 ``ncps_cutmix`` with two networks reproduce ``cps`` and ``cps_cutmix`` (losses, logs, gradients,
 forward order, CutMix masks). This module reuses no code of cps.py, so edits there do not move
 n-CPS; tests/test_methods_ncps.py checks the N = 2 equivalence.
+
+The default w = 1 / (N - 1) is the n-CPS reference code's (AI-Clearing/n-cps divides each network's
+cross term by n - 1, so every network's pseudo-label weight equals CPS's at any N). ``ncps_sum``
+keeps the plain sum, which gives each network N - 1 times CPS's unlabeled weight (twice at N = 3);
+the generated study saw that collapse at 1/4 labels (docs/study/results.md).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..cutmix import box_mask, mix
+from ..cutmix import mix
 from ..losses import cross_entropy, pseudo_labels
 from .base import Method, MethodOutput, StepLogs, logits_of, pixel_weighted, register_method
 
@@ -54,12 +60,12 @@ class _NCPSBase(Method):
 
     num_models = 3  # the default; each instance sets its own from num_networks
 
-    def __init__(self, sup_criterion, num_networks: int = 3, ncps_average: bool = False, **kwargs):
+    def __init__(self, sup_criterion, num_networks: int = 3, ncps_sum: bool = False, **kwargs):
         super().__init__(sup_criterion, **kwargs)
         if int(num_networks) != num_networks or num_networks < 2:
             raise ValueError(f"method {self.name!r}: num_networks must be an integer >= 2, got {num_networks}")
         self.num_models = int(num_networks)  # read by the loop (build_networks), trained_count and names()
-        self.ncps_average = bool(ncps_average)
+        self.ncps_sum = bool(ncps_sum)
 
     def _targets(self, logits, predictions, logs: StepLogs, suffix: str) -> list[torch.Tensor]:
         """Each network's pseudo labels for its peers (argmax, or thresholded by
@@ -74,16 +80,16 @@ class _NCPSBase(Method):
         return targets
 
     def _cross_loss(self, student_logits, targets) -> torch.Tensor:
-        """sum_i w * sum_{j != i} CE(student_i, target_j); for N = 2 the same additions as
-        `losses.cross_supervision`."""
-        scale = 1.0 / (self.num_models - 1) if self.ncps_average else None
+        """sum_i w * sum_{j != i} CE(student_i, target_j), w = 1 / (N - 1) unless `ncps_sum`; for N = 2 the
+        same additions as `losses.cross_supervision` (w = 1 is not multiplied in)."""
+        scale = 1.0 / (self.num_models - 1) if not self.ncps_sum and self.num_models > 2 else None
         total = None
         for i, logits in enumerate(student_logits):
             own = None
             for j, target in enumerate(targets):
                 if j == i:
                     continue
-                term = cross_entropy(logits, target, self.ignore_index)
+                term = cross_entropy(logits, target, self.ignore_index, self.pseudo_denominator(target))
                 own = term if own is None else own + term
             if scale is not None:
                 own = own * scale
@@ -197,8 +203,7 @@ class NCPSCutMixMethod(_NCPSBase):
 
         loss_cps = None
         if weight > 0:
-            batch_size, _, height, width = u0.shape
-            mask = box_mask(batch_size, height, width, generator=generator, device=u0.device)
+            mask = self.cutmix_mask(u0, generator)
             kept = _KeptFractions(logs)
             with torch.no_grad():
                 targets = []

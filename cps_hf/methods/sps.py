@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from ..cutmix import box_mask, mix
+from ..cutmix import mix
 from ..losses import cross_entropy
-from .base import Method, MethodOutput, StepLogs, logits_of, pixel_weighted, register_method
+from .base import Method, MethodOutput, StepLogs, has_stochastic_layers, logits_of, pixel_weighted, register_method
 
 
 @register_method
@@ -18,10 +18,14 @@ class SPSMethod(Method):
         X -> f(theta) -> P  <-- CE --  Y = argmax P (no gradient)  <-  P <- f(theta) <- X
 
     i.e. CPS with theta_1 = theta_2:  L = L_s + lambda * L_sps,  L_sps = CE(p, sg y). Both streams
-    of eq. 9 get the same input and the same weights, and the network has no randomness (no
-    dropout; BN uses the batch's statistics in train mode), so the pseudo labels are the argmax of
-    the very logits being trained and one forward per batch computes both streams (a second,
-    no-grad forward would give the same logits and only update the BN running statistics twice).
+    of eq. 9 get the same input and the same weights. When the network has no randomness (no
+    dropout, no drop-path; BN uses the batch's statistics in train mode), the pseudo labels are the
+    argmax of the very logits being trained and one forward per batch computes both streams (a
+    second, no-grad forward would give the same logits and only update the BN running statistics
+    twice). When it has (``--drop_path_rate``, an encoder with dropout), the two streams of eq. 9
+    draw different masks, as CPS's two networks would: the pseudo labels then come from a second
+    forward pass of their own, under no_grad and in train mode, before the pass that is trained
+    (``init_networks`` finds out which case a run is in; ``stochastic_passes`` says it).
 
     As in ``cps``, the term is applied to the labelled and the unlabelled images, each in its own
     forward (labelled first), combined pixel-weighted as (n_l L_sps^l + n_u L_sps^u) / (n_l + n_u),
@@ -49,10 +53,21 @@ class SPSMethod(Method):
     def __init__(self, sup_criterion, cps_on_labeled: bool = True, cps_on_unlabeled: bool = True, **kwargs):
         super().__init__(sup_criterion, **kwargs)
         self._init_cross_switches(cps_on_labeled, cps_on_unlabeled, "pseudo supervision")
+        self.stochastic_passes = False  # set by init_networks: dropout / drop-path make the two streams differ
 
-    def _self_supervision(self, logits, logs, log_name):
-        """CE(p, sg y) with y the (optionally thresholded) argmax of the same logits."""
-        return cross_entropy(logits, self.pseudo_targets(logits, None, logs, log_name), self.ignore_index)
+    def init_networks(self, networks) -> None:
+        super().init_networks(networks)
+        self.stochastic_passes = has_stochastic_layers(networks[0])
+
+    def _self_supervision(self, model, images, logits, logs, log_name):
+        """CE(p, sg y): y the (optionally thresholded) argmax of the same logits, or, when the network
+        is stochastic, of a no-grad pass of its own on the same images (eq. 9's other stream)."""
+        if self.stochastic_passes:
+            with torch.no_grad():
+                source = logits_of(model, images)
+        else:
+            source = logits
+        return self.pseudo_cross_entropy(logits, self.pseudo_targets(source, None, logs, log_name))
 
     def compute(self, models, batch, step, generator):
         logs = StepLogs()
@@ -68,10 +83,11 @@ class SPSMethod(Method):
         if weight > 0:
             loss_l = loss_u = None
             if use_unlabeled:
-                loss_u = self._self_supervision(logits_u, logs, "pseudo_kept_u")
+                loss_u = self._self_supervision(model, batch["unlabeled"][0]["pixel_values"], logits_u, logs,
+                                                "pseudo_kept_u")
                 logs.add("loss_sps_u", loss_u)
             if self.cps_on_labeled:
-                loss_l = self._self_supervision(logits_l, logs, "pseudo_kept_l")
+                loss_l = self._self_supervision(model, labeled["pixel_values"], logits_l, logs, "pseudo_kept_l")
                 logs.add("loss_sps_l", loss_l)
             loss_sps = pixel_weighted(loss_l, logits_l, loss_u, logits_u)
             logs.add("loss_sps", loss_sps)
@@ -139,13 +155,12 @@ class SPSCutMixMethod(Method):
 
         loss_sps = None
         if weight > 0:
-            batch_size, _, height, width = u0.shape
-            mask = box_mask(batch_size, height, width, generator=generator, device=u0.device)
+            mask = self.cutmix_mask(u0, generator)
             with torch.no_grad():
                 mixed_logits = mix(logits_of(model, u0), logits_of(model, u1), mask)
                 target = self.pseudo_targets(mixed_logits, None, logs, "pseudo_kept_u")
             student_logits = logits_of(model, mix(u0, u1, mask.to(u0.dtype)))
-            loss_sps = cross_entropy(student_logits, target, self.ignore_index)
+            loss_sps = self.pseudo_cross_entropy(student_logits, target)
             logs.add("loss_sps", loss_sps)
             logs.add("loss_sps_u", loss_sps)
 
