@@ -103,8 +103,10 @@ def few_supervision(count: int, protocol: str) -> tuple[str, dict]:
         output_dir=f"outputs/voc_r101_{count}_cps_cutmix",
     )
     config["preset_note"] = (
-        f"Few-supervision (paper Table 5, PseudoSeg protocol): {count} labels from the 1,464 train images, the rest "
-        "of train_aug unlabeled; DeepLabv3+ R101 with CutMix. Hyper-parameters: the original code's effective "
+        f"Few-supervision (paper Table 5, PseudoSeg protocol): {count} labels from the 1,464 train images, all the "
+        f"rest of train_aug ({10582 - count:,} images) unlabeled, as the paper's Section 5.3 says (the official "
+        "code's pseudoseg_unlabeled lists hold only the rest of train: --labeled cps/voc-fewsup-train-only/"
+        f"{count}); DeepLabv3+ R101 with CutMix. Hyper-parameters: the original code's effective "
         "values. Budget: 40k iterations (the paper does not state it; this matches its other VOC runs). "
         f"Paper mIoU: {paper}."
     )
@@ -159,11 +161,20 @@ def baseline_presets() -> dict[str, dict]:
                     if (dataset, arch, method) not in BASELINE_MIOU:
                         continue  # the paper has no CutMix-Seg numbers on Cityscapes
                     paper = BASELINE_MIOU[(dataset, arch, method)][index]
-                    label = "Mean teacher (MT, Table 1/2)" if method == "mean_teacher" else "CutMix-Seg (mean teacher + CutMix, Table 1)"
+                    if method == "mean_teacher":
+                        label = ("Mean teacher (MT, Table 1/2) as PixelSSL's MT code runs it (the method's defaults): "
+                                 "MSE of logits, lambda ramped up over 3 epochs, EMA decay min(1 - 1/(t+1), 0.99) "
+                                 "over the parameters, no input noise, the student exported")
+                    else:
+                        label = ("CutMix-Seg (mean teacher + CutMix, Table 1) as its CutMix scripts run it (the "
+                                 "method's defaults): softmax distance weighted by the fraction of teacher pixels "
+                                 "at 0.97 confidence, one 50% box, EMA 0.99 over the whole state, frozen encoder "
+                                 "BN statistics, the teacher evaluated and exported")
                     name, config = _derived(
                         dataset, arch, protocol, method, f"{short}_{arch}_{protocol}_{method}",
-                        f"{label}: EMA teacher (decay 0.99), lambda as CPS's (the paper does not state MT's weight). "
-                        f"Paper mIoU (from the implementations the paper ran): {paper}.",
+                        f"{label}; lambda 1, as both codes' scripts (cons_scale / cons_weight 1; the paper does not "
+                        f"state MT's weight). Paper mIoU (from the implementations the paper ran): {paper}.",
+                        cps_weight=1.0,
                     )
                     presets[name] = config
     for dataset in ("voc", "cityscapes"):

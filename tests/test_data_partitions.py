@@ -1,10 +1,14 @@
 """Partitions: seeded counts/fractions, bundled protocols (published sizes), list formats, errors."""
 
+from pathlib import Path
+
 import datasets
 import pytest
 
 from cps_hf.data import DatasetError, available_protocols, read_id_list, split_labeled
 from cps_hf.data.protocols import BUNDLED_SPLIT_LISTS, PROTOCOL_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _ids_dataset(ids):
@@ -51,8 +55,10 @@ def test_seeded_split_is_deterministic_and_seed_dependent(voc_train_aug):
         ("cps/voc/1-16", (662, 9920)),
         ("unimatch/voc/92", (92, 10490)),
         ("unimatch/voc/u2pl-1-16", (662, 9920)),
-        ("cps/voc-fewsup/92", (92, 1372)),  # unlabeled = rest of the 1,464 train set (one shared id dropped)
-        ("cps/voc-fewsup/1-2", (732, 732)),
+        ("cps/voc-fewsup/92", (92, 10490)),  # Table 5: unlabeled = the rest of train_aug
+        ("cps/voc-fewsup/1-2", (732, 9850)),
+        ("cps/voc-fewsup-train-only/92", (92, 1372)),  # rest of the 1,464 train set (one shared id dropped)
+        ("cps/voc-fewsup-train-only/1-2", (732, 732)),
     ],
 )
 def test_voc_protocols(voc_train_aug, name, sizes):
@@ -94,3 +100,18 @@ def test_every_bundled_protocol_file_is_readable():
         for path in (protocol.labeled, protocol.unlabeled):
             if path is not None:
                 assert read_id_list(path), name
+
+
+@pytest.mark.parametrize("count", [92, 183, 366, 732])
+def test_table_5_presets_train_on_the_rest_of_train_aug(voc_train_aug, count):
+    """Paper 5.3: PseudoSeg's labels from the 1,464 train images, all the rest of train_aug (~10.5k)
+    unlabeled, not the ~1.4k rest of train of the pseudoseg_unlabeled lists."""
+    import yaml
+
+    preset = yaml.safe_load((ROOT / "configs" / f"voc_r101_{count}_cps_cutmix.yaml").read_text())
+    assert preset["train_split"] == "train_aug"
+    labeled, unlabeled = split_labeled(voc_train_aug, preset["labeled"])
+    assert len(labeled) == count and len(unlabeled) == 10582 - count
+    train_only = set(read_id_list(PROTOCOL_DIR / "unimatch/pascal/1464/labeled.txt"))
+    assert set(labeled["id"]) <= train_only
+    assert len(set(unlabeled["id"]) - train_only) == 10582 - 1464  # every SBD-only image is unlabeled

@@ -36,7 +36,12 @@ def _registry() -> dict[str, Protocol]:
     for fraction, count in zip(("1-16", "1-8", "1-4", "1-2"), (92, 183, 366, 732)):
         add(f"cps/voc/{fraction}", f"{voc}/train_aug_labeled_{fraction}.txt", f"{voc}/train_aug_unlabeled_{fraction}.txt")
         for alias in (fraction, str(count)):
-            add(f"cps/voc-fewsup/{alias}", f"{voc}/pseudoseg_labeled_{fraction}.txt", f"{voc}/pseudoseg_unlabeled_{fraction}.txt")
+            # Table 5 (PseudoSeg's protocol): labels from the 1,464 train images, "the remaining images in the
+            # standard training set, together with the images in the augmented set" unlabeled: the rest of train_aug
+            add(f"cps/voc-fewsup/{alias}", f"{voc}/pseudoseg_labeled_{fraction}.txt", None)
+            # the official code's pseudoseg_unlabeled lists: the rest of the 1,464 train images only
+            add(f"cps/voc-fewsup-train-only/{alias}", f"{voc}/pseudoseg_labeled_{fraction}.txt",
+                f"{voc}/pseudoseg_unlabeled_{fraction}.txt")
         add(
             f"cps/cityscapes/{fraction}",
             f"{city}/subset_train/train_aug_labeled_{fraction}.txt",
