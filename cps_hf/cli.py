@@ -1,8 +1,9 @@
-"""The scripts' entry point: a user's mistake is one line on stderr and exit status 2.
+"""The scripts' entry point: a user's mistake is one line on stderr and exit status 2; Ctrl-C is one
+line (`interrupted: ...`, where to continue from, for training) and exit status 130.
 
 `--debug` (or CPS_HF_DEBUG=1) shows the full traceback instead. Under `accelerate launch`, each
 process prints its own line; add `--quiet` to `accelerate launch` so the launcher does not add a
-traceback of its own when the script exits non-zero.
+traceback of its own when the script exits non-zero (it then exits 1 itself).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from .errors import UserInputError
+from .errors import RunInterrupted, UserInputError
 
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "CPS_HF_DEBUG"
@@ -24,13 +25,19 @@ def run_cli(main: Callable[[list[str]], object], argv: Sequence[str] | None = No
     own = argv.index("--") if "--" in argv else len(argv)
     debug = DEBUG_FLAG in argv[:own] or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     argv = [arg for arg in argv[:own] if arg != DEBUG_FLAG] + argv[own:]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    where = f" (rank {os.environ.get('RANK', '?')})" if world > 1 else ""
     try:
         result = main(argv)
     except UserInputError as error:
         if debug:
             raise
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        where = f" (rank {os.environ.get('RANK', '?')})" if world > 1 else ""
-        print(f"error{where}: {error}", file=sys.stderr, flush=True)
-        return 2
+        label = "interrupted" if isinstance(error, RunInterrupted) else "error"
+        print(f"{label}{where}: {error}", file=sys.stderr, flush=True)
+        return getattr(error, "exit_status", 2)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"interrupted{where}", file=sys.stderr, flush=True)
+        return 130
     return result if isinstance(result, int) and not isinstance(result, bool) else 0

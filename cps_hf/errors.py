@@ -10,3 +10,9 @@ class UserInputError(Exception):
 
 class ConfigError(UserInputError, ValueError):
     """A training flag or preset field that cannot work; the message names the field."""
+
+
+class RunInterrupted(UserInputError):
+    """Ctrl-C: the message says where the last checkpoint is and how to continue; exit status 130."""
+
+    exit_status = 130

@@ -95,21 +95,26 @@ def _last_complete_checkpoint(output_dir: Path) -> str | None:
 @contextmanager
 def failure_marker(output_dir: str | Path, enabled: bool = True):
     """Write FAILED.json when the block raises (then re-raise); remove a stale one when it succeeds."""
+    from .run_folder import RunFolderRefused  # the folder is another run's (or unwritable): never write there
+
     marker = Path(output_dir) / FAILED_MARKER
     try:
         yield
     except BaseException as error:
-        if enabled and not isinstance(error, SystemExit):
+        if enabled and not isinstance(error, (SystemExit, RunFolderRefused)):
             output = Path(output_dir)
-            output.mkdir(parents=True, exist_ok=True)
             interrupted = isinstance(error, KeyboardInterrupt)
-            marker.write_text(json.dumps({
-                "status": "interrupted" if interrupted else "failed",
-                "error": f"{type(error).__name__}: {error}",
-                "time": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-                "last_complete_checkpoint": _last_complete_checkpoint(output),
-                "traceback": traceback.format_exception(error)[-3:],
-            }, indent=2) + "\n")
+            try:
+                output.mkdir(parents=True, exist_ok=True)
+                marker.write_text(json.dumps({
+                    "status": "interrupted" if interrupted else "failed",
+                    "error": f"{type(error).__name__}: {error}",
+                    "time": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+                    "last_complete_checkpoint": _last_complete_checkpoint(output),
+                    "traceback": traceback.format_exception(error)[-3:],
+                }, indent=2) + "\n")
+            except OSError:  # an unwritable folder must not hide the error that stopped the run
+                pass
         raise
     else:
         if enabled:

@@ -61,11 +61,11 @@ def training_finished(stage_dir: str | Path) -> bool:
 
 
 def resume_flags(stage_dir: str | Path) -> list[str]:
-    """`--resume_from_checkpoint latest` for an unfinished stage with a completely saved checkpoint."""
-    stage_dir = Path(stage_dir)
-    if stage_dir.is_dir() and not training_finished(stage_dir) and complete_step_folders(stage_dir):
-        return ["--resume_from_checkpoint", "latest"]
-    return []
+    """`--resume_from_checkpoint latest` for an unfinished stage with a completely saved checkpoint;
+    `--overwrite_output_dir` for one that stopped before its first checkpoint (it starts again)."""
+    from .run_folder import restart_flags
+
+    return restart_flags(stage_dir)
 
 
 def pseudo_labels_finished(folder: str | Path, stage1_fingerprint: str | None, ids: list[str]) -> bool:

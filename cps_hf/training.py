@@ -189,14 +189,16 @@ def find_checkpoint(output_dir: str | Path, resume: str) -> Path:
     if resume != "latest":
         path = Path(resume)
         if not path.is_dir():
-            raise FileNotFoundError(f"--resume_from_checkpoint {resume}: no such checkpoint folder")
+            raise ConfigError(f"--resume_from_checkpoint {resume}: no such checkpoint folder (give a step_N folder "
+                              "or 'latest')")
         run_uses_markers = any((folder / COMPLETE_MARKER).is_file() for folder in step_folders(path.parent))
         if run_uses_markers and not (path / COMPLETE_MARKER).is_file():
-            raise ValueError(f"--resume_from_checkpoint {resume}: its save did not finish (no {COMPLETE_MARKER})")
+            raise ConfigError(f"--resume_from_checkpoint {resume}: its save did not finish (no {COMPLETE_MARKER}); "
+                              "give an earlier step_N or 'latest'")
         return path
     candidates = complete_step_folders(output_dir)
     if not candidates:
-        raise FileNotFoundError(f"--resume_from_checkpoint latest: no completely saved step_N folder in {output_dir}")
+        raise ConfigError(f"--resume_from_checkpoint latest: no completely saved step_N folder in {output_dir}")
     unfinished = [path.name for path in step_folders(output_dir) if checkpoint_step(path) > checkpoint_step(candidates[-1])]
     if unfinished:
         warnings.warn(f"skipping checkpoint folder(s) {unfinished} in {output_dir}: their save did not finish; "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import sys
 import typing
@@ -260,7 +261,16 @@ class CPSTrainingConfig:
     checkpointing_steps: int | None = field(default=None, metadata={"help": "Save accelerate state every N steps as step_N."})
     checkpoints_total_limit: int | None = field(default=None, metadata={"help": "Keep at most this many step_N folders."})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "A step_N folder, or 'latest'."})
-    output_dir: str = field(default="outputs/cps", metadata={"help": "Where the model, logs, results and checkpoints go."})
+    output_dir: str = field(
+        default="outputs/cps",
+        metadata={"help": "Where the model, logs, results and checkpoints go: one run per folder (a folder holding "
+                  "another run is refused, and a live run locks it)."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace the run that --output_dir holds: its files (log, config, checkpoints, model/, "
+                  "results, tracker) are deleted when this run starts training."},
+    )
     report_to: str = field(default="tensorboard", metadata={"help": "accelerate trackers: tensorboard, wandb, all, none (tensorboard is skipped if not installed)."})
     save_best_model: bool = field(
         default=False,
@@ -356,18 +366,52 @@ def _field_names() -> set[str]:
     return {f.name for f in dataclasses.fields(CPSTrainingConfig)}
 
 
+# Fields that existed once: a preset or command that still uses one is told what replaced it.
+REMOVED_FIELDS = {
+    "ncps_average": "averaging over peers is now the default (the n-CPS reference's); --ncps_sum gives the old sum",
+}
+
+
+def _unknown_names_message(names: list[str], flags: bool) -> str:
+    """Each unknown field or flag with what replaced it or its close names."""
+    known = sorted(_field_names())
+    parts = []
+    for name in names:
+        shown = f"--{name}" if flags else name
+        if name in REMOVED_FIELDS:
+            parts.append(f"{shown} (removed: {REMOVED_FIELDS[name]})")
+            continue
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+        parts.append(f"{shown}" + (f" (close: {', '.join(('--' if flags else '') + c for c in close)})" if close else ""))
+    return ", ".join(parts)
+
+
 def load_yaml_config(path: str | Path) -> dict:
     """Read a preset, refusing fields that do not exist (a typo must not train with a default)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    values = yaml.safe_load(path.read_text()) or {}
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"config file {path}: not valid YAML{where}: {problem}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a mapping of field: value, got {type(values).__name__}")
     unknown = sorted(set(values) - _field_names())
     if unknown:
-        raise ConfigError(f"config file {path}: unknown field(s) {unknown}; see `python scripts/train_cps.py --help`")
+        raise ConfigError(f"config file {path}: unknown field(s) {_unknown_names_message(unknown, flags=False)}; "
+                          "see `python scripts/train_cps.py --help`")
     return values
+
+
+class _ArgumentParser(HfArgumentParser):
+    """argparse's errors (a bad value, a missing argument) as one ConfigError line, not usage plus exit."""
+
+    def error(self, message):
+        raise ConfigError(f"{message}; see `python scripts/train_cps.py --help`")
 
 
 def parse_args(argv: list[str] | None = None) -> CPSTrainingConfig:
@@ -377,7 +421,7 @@ def parse_args(argv: list[str] | None = None) -> CPSTrainingConfig:
     pre.add_argument("--config", default=None)
     known, rest = pre.parse_known_args(argv)
 
-    parser = HfArgumentParser(CPSTrainingConfig, description="Train CPS (Cross Pseudo Supervision) segmentation models.")
+    parser = _ArgumentParser(CPSTrainingConfig, description="Train CPS (Cross Pseudo Supervision) segmentation models.")
     parser.add_argument("--config", default=None, help="YAML preset from configs/; flags override its fields.")
     for action in parser._actions:  # HfArgumentParser gives `--no_X` the help of `--X`
         negated = [option for option in action.option_strings if option.startswith("--no_")]
@@ -388,7 +432,12 @@ def parse_args(argv: list[str] | None = None) -> CPSTrainingConfig:
     rest = _take_explicit_nones(parser, rest)
     namespace, remaining = parser.parse_known_args(rest)
     if remaining:
-        parser.error(f"unknown argument(s): {' '.join(remaining)}")
+        flags = [arg[2:].split("=", 1)[0] for arg in remaining if arg.startswith("--")]
+        first_flag = next((i for i, arg in enumerate(remaining) if arg.startswith("--")), len(remaining))
+        others = remaining[:first_flag]  # values after an unknown flag are that flag's
+        parts = [_unknown_names_message(flags, flags=True)] if flags else []
+        parts += [f"unexpected value(s) {' '.join(others)}"] if others else []
+        raise ConfigError(f"unknown argument(s): {'; '.join(parts)}; see `python scripts/train_cps.py --help`")
     (config,) = parser.parse_dict({k: v for k, v in vars(namespace).items() if k != "config"})
     return config
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from cps_hf.cli import run_cli
 from cps_hf.errors import UserInputError
+from cps_hf.run_folder import restart_flags
 
 TRAIN = Path(__file__).resolve().parent / "train_cps.py"
 
@@ -36,7 +37,8 @@ def run(config: str, method: str, seed: int, output_dir: Path, extra: list[str])
     if results_file.exists():  # finished earlier: reuse (delete the folder to rerun)
         return json.loads(results_file.read_text())
     command = [sys.executable, str(TRAIN), "--config", config, "--method", method, "--seed", str(seed),
-               "--output_dir", str(out), "--report_to", "none", *extra]
+               "--output_dir", str(out), "--report_to", "none", *extra, *restart_flags(out)]  # an unfinished run
+    # continues from its latest checkpoint, or starts again when it saved none
     print("$", " ".join(command), flush=True)
     status = subprocess.run(command).returncode
     if status:

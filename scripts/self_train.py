@@ -169,7 +169,9 @@ def training_stage(name: str, argv: list[str], output_dir: Path, is_main: bool =
     else:
         resume = resume_flags(output_dir)
         if is_main:
-            print(f"{name}: {'resuming from the latest checkpoint in' if resume else 'training into'} {output_dir}")
+            doing = {"--resume_from_checkpoint": "resuming from the latest checkpoint in",
+                     "--overwrite_output_dir": "starting again (no checkpoint was saved) in"}
+            print(f"{name}: {doing.get(resume[0], 'training into') if resume else 'training into'} {output_dir}")
         run_training(argv + resume)
     return read_json(output_dir / "all_results.json")
 

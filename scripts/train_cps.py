@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from cps_hf.cli import run_cli  # noqa: E402
+from cps_hf.errors import RunInterrupted  # noqa: E402
 from cps_hf.data import (  # noqa: E402
     EvalTransform,
     TrainStreams,
@@ -45,6 +46,7 @@ from cps_hf.inference import TransformedDataset, evaluate_model  # noqa: E402
 from cps_hf.losses import OhemCrossEntropy, cross_entropy  # noqa: E402
 from cps_hf.methods import build_method  # noqa: E402
 from cps_hf.optim import build_optimizer, learning_rates, poly_schedule  # noqa: E402
+from cps_hf.run_folder import claim_output_dir, clear_previous_run, continue_message  # noqa: E402
 from cps_hf.training import (  # noqa: E402
     JsonlLog,
     TrainProgress,
@@ -105,8 +107,12 @@ def _to_device(batch, device):
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    with failure_marker(args.output_dir):
-        return train(args)
+    with claim_output_dir(args):  # writable, no other run there (unless resumed / overwritten), locked while alive
+        try:
+            with failure_marker(args.output_dir):
+                return train(args)
+        except KeyboardInterrupt:
+            raise RunInterrupted(continue_message(args, sys.argv)) from None
 
 
 def train(args) -> dict:
@@ -242,6 +248,10 @@ def train(args) -> dict:
     # ---- config and trackers: only now, so a run that fails to start leaves nothing that looks started
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
+        if args.overwrite_output_dir:  # the previous run goes only now that this one trains
+            removed = clear_previous_run(output_dir)
+            if removed:
+                logger.info(f"--overwrite_output_dir: removed the previous run's {', '.join(removed)}")
         save_yaml_config(args, output_dir / "training_config.yaml")  # to_dict(): never the hub token
     if accelerator.log_with:
         tracker_config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in args.to_dict().items()}

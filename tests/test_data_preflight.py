@@ -145,3 +145,47 @@ def test_truncation_is_seen_from_the_ends_of_a_file(fmt):
     assert truncation_problem(data[:16], data[-64:], len(data)) is None
     cut = data[: len(data) * 2 // 3]
     assert truncation_problem(cut[:16], cut[-64:], len(cut)).startswith(f"truncated {'WebP' if fmt == 'WEBP' else fmt}")
+
+
+def _write_values(path, values):
+    """Rewrite a palette/grey label PNG keeping its size, with `values` painted in its first row."""
+    label = np.array(Image.open(path))
+    label[0, : len(values)] = values
+    Image.fromarray(label.astype(np.uint8), mode="L").save(path)
+
+
+def test_label_values_outside_the_classes_are_found_up_front_in_every_split(bundle, tmp_path):
+    """The demo has 4 classes: 7 and 200 are neither a class nor the ignore index 255. Such values used to
+    pass this check ("0 problems") and stop the run when the sample was drawn or at the first evaluation."""
+    labeled = sorted(_files(bundle.labeled, "label").items())[0]
+    unlabeled = sorted(_files(bundle.unlabeled, "label").items())[0]
+    val = sorted(_files(bundle.val, "label").items())[0]
+    for (_, path), values in ((labeled, [7]), (unlabeled, [200, 255]), (val, [4, 5])):
+        _write_values(path, values)
+    with pytest.raises(DatasetError) as caught:
+        preflight_check(bundle, cache_file=tmp_path / "out" / "data_check.json")
+    message = str(caught.value)
+    assert "3 problem(s) in 3 sample(s)" in message
+    assert f"{labeled[1]}: label values [7] are outside the 4 classes (0..3) and not the ignore index 255" in message
+    assert f"{unlabeled[1]}: label values [200] are outside" in message  # 255 is the ignore index: fine
+    assert f"{val[1]}: label values [4, 5] are outside" in message
+    # --skip_bad_samples drops the bad labeled and unlabeled samples, but a bad val label still stops the run
+    with pytest.raises(DatasetError, match=r"label values \[4, 5\][\s\S]*never skipped"):
+        preflight_check(bundle, skip_bad_samples=True, skipped_file=tmp_path / "skipped.jsonl")
+    _write_values(val[1], [0, 0])
+    checked = preflight_check(bundle, skip_bad_samples=True, skipped_file=tmp_path / "skipped.jsonl")
+    assert labeled[0] not in checked.labeled["id"] and unlabeled[0] not in checked.unlabeled["id"]
+    assert len(checked.labeled) == len(bundle.labeled) - 1
+
+
+def test_a_label_value_outside_the_classes_stops_training_before_the_first_step(tmp_path):
+    """Through the trainer: the run stops in the data check, naming the file, before any step."""
+    from test_train import tiny_args, train_cps  # noqa: F401
+
+    make_demo_voc(tmp_path / "data", num_train=12, num_val=3, size=32, seed=0)
+    val_label = sorted(_files(build_datasets("voc", tmp_path / "data", labeled=4).val, "label").values())[0]
+    _write_values(val_label, [9])
+    out = tmp_path / "run"
+    with pytest.raises(DatasetError, match=r"label values \[9\] are outside the 4 classes"):
+        train_cps.main(tiny_args(tmp_path / "data", out, "--labeled", "4", "--max_train_steps", "1"))
+    assert not (out / "log.jsonl").exists() and not (out / "training_config.yaml").exists()

@@ -204,6 +204,9 @@ def test_an_unfinished_training_stage_resumes_from_its_latest_checkpoint(finishe
 def test_stage_bookkeeping(tmp_path):
     stage = tmp_path / "stage"
     assert resume_flags(stage) == []
+    stage.mkdir()
+    (stage / "log.jsonl").write_text('{"step": 1}\n')  # stopped before its first checkpoint: start again
+    assert resume_flags(stage) == ["--overwrite_output_dir"]
     (stage / "step_3").mkdir(parents=True)
     (stage / "step_3" / "checkpoint_complete.json").write_text('{"step": 3}')
     (stage / "step_5").mkdir()  # a save that never finished

@@ -3,7 +3,9 @@
 Training decodes lazily, so a broken file deep in a large unlabeled pool used to stop a run
 hours in, and a broken label of an unlabeled image (never decoded) went unnoticed. Here every
 record of the labeled, unlabeled and val splits gets the header-only checks of
-`validation.header_problems` on a thread pool, all problems are collected, and the run stops
+`validation.header_problems` and, when those pass, a decode of its label for values outside the
+classes (`validation.label_value_problems`: such a value used to pass this check and stop the run
+when the sample was drawn, or at the first evaluation), on a thread pool; all problems are collected, and the run stops
 with one error listing them, or, with `skip_bad_samples`, drops the bad labeled/unlabeled
 samples and lists each in a file. The result is cached under a fingerprint of the records'
 paths, sizes and mtimes, so a resumed run with unchanged files only pays for the `os.stat`s.
@@ -29,11 +31,11 @@ import numpy as np
 from .bundle import DatasetBundle
 from .errors import DatasetError
 from .streams import _undecoded
-from .validation import header_problems
+from .validation import header_problems, label_value_problems
 
 logger = logging.getLogger(__name__)
 
-CHECK_VERSION = 1  # bump when header_problems changes what it finds: old caches then miss
+CHECK_VERSION = 2  # bump when the checks change what they find: old caches then miss (2: label values)
 SKIPPABLE = ("labeled", "unlabeled")
 SHOWN = 20
 _BATCH = 1024
@@ -91,9 +93,10 @@ def _record_stamp(row: dict) -> str:
     return f"{row.get('id')}|{_stamp(row['image'])}|{_stamp(row.get('label'))}"
 
 
-def fingerprint(splits: dict[str, datasets.Dataset], pool: ThreadPoolExecutor) -> str:
-    """Hash of every record's id and files (path + size + mtime), per split, in order."""
-    digest = hashlib.sha256(f"cps_hf data check v{CHECK_VERSION}".encode())
+def fingerprint(splits: dict[str, datasets.Dataset], pool: ThreadPoolExecutor, classes: str = "") -> str:
+    """Hash of every record's id and files (path + size + mtime), per split, in order, and of the
+    class count and ignore index the label values were checked against."""
+    digest = hashlib.sha256(f"cps_hf data check v{CHECK_VERSION} {classes}".encode())
     for name, dataset in splits.items():
         digest.update(f"\n[{name}] {len(dataset)}".encode())
         for _, _, stamp in map_records(dataset, _record_stamp, pool):
@@ -101,11 +104,22 @@ def fingerprint(splits: dict[str, datasets.Dataset], pool: ThreadPoolExecutor) -
     return digest.hexdigest()
 
 
-def find_problems(splits: dict[str, datasets.Dataset], pool: ThreadPoolExecutor) -> tuple[list[Problem], int]:
-    """Every header-level problem of every record, and the number of records checked."""
+def _record_problems(row: dict, require_label: bool, num_classes: int | None, ignore_index: int) -> list:
+    """The header checks, then (when they pass and classes are known) the label's values."""
+    found = header_problems(row, require_label=require_label)
+    if not found and num_classes is not None:
+        found = label_value_problems(row, num_classes, ignore_index)
+    return found
+
+
+def find_problems(splits: dict[str, datasets.Dataset], pool: ThreadPoolExecutor, num_classes: int | None = None,
+                  ignore_index: int = 255) -> tuple[list[Problem], int]:
+    """Every header-level problem of every record, and label values outside the `num_classes` classes
+    (labeled, val and unlabeled records that carry a label), and the number of records checked."""
     problems, records = [], 0
     for name, dataset in splits.items():
-        check = functools.partial(header_problems, require_label=name != "unlabeled")
+        check = functools.partial(_record_problems, require_label=name != "unlabeled", num_classes=num_classes,
+                                  ignore_index=ignore_index)
         for index, row, found in map_records(dataset, check, pool):
             records += 1
             problems += [Problem(name, index, str(row.get("id")), file, problem) for file, problem in found]
@@ -205,15 +219,16 @@ def preflight_check(
     if isinstance(bundle.unlabeled, datasets.IterableDataset):
         logger.info("data check: the unlabeled pool is streamed; its files are checked as they are read, not up front")
         del splits["unlabeled"]
+    num_classes, ignore_index = bundle.num_classes, bundle.ignore_index
     with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
-        key = fingerprint(splits, pool)
+        key = fingerprint(splits, pool, classes=f"{num_classes} classes, ignore {ignore_index}")
         problems = _read_cache(cache_file, key)
         if problems is not None:
             logger.info("data check: files unchanged since the check cached in %s (%d problem(s))",
                         cache_file, len(problems))
         else:
             start = time.perf_counter()
-            problems, records = find_problems(splits, pool)
+            problems, records = find_problems(splits, pool, num_classes, ignore_index)
             seconds = time.perf_counter() - start
             logger.info("data check: %d samples (%s) checked in %.1fs, %d problem(s)", records,
                         ", ".join(f"{name} {len(ds)}" for name, ds in splits.items()), seconds, len(problems))

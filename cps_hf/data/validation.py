@@ -6,7 +6,8 @@ and converts faster than PIL (see benchmarks/loader_throughput.py). Labels go th
 OpenCV expands palette PNGs to colours, PIL keeps the class indices.
 
 `header_problems` is the cheap form of the same checks (file present, header, end marker,
-sizes, label mode) that the up-front data check (preflight.py) runs on every record.
+sizes, label mode) that the up-front data check (preflight.py) runs on every record, with
+`label_value_problems` (a decode of each label) for the values.
 """
 
 from __future__ import annotations
@@ -145,17 +146,37 @@ def check_same_size(image: np.ndarray, label: np.ndarray, name: str) -> None:
         raise DatasetError(f"{name}: {size_problem(image.shape[1::-1], label.shape[::-1])}")
 
 
-def check_label_values(label: np.ndarray, num_classes: int, name: str, ignore_index: int = IGNORE_INDEX) -> None:
-    """Raise when a label holds a value that is neither a class index nor the ignore index."""
+def label_values_problem(label: np.ndarray, num_classes: int, ignore_index: int = IGNORE_INDEX) -> str | None:
+    """What is wrong with a label's values (None: every value is a class index or the ignore index)."""
     if label.size == 0 or int(label.max()) < num_classes:
-        return
+        return None
     values = np.flatnonzero(np.bincount(label.ravel(), minlength=256))
     bad = [int(v) for v in values if v >= num_classes and v != ignore_index]
     if bad:
-        raise DatasetError(
-            f"{name}: label values {bad[:10]} are outside the {num_classes} classes (0..{num_classes - 1}) "
-            f"and not the ignore index {ignore_index}"
-        )
+        return (f"label values {bad[:10]} are outside the {num_classes} classes (0..{num_classes - 1}) "
+                f"and not the ignore index {ignore_index}")
+    return None
+
+
+def check_label_values(label: np.ndarray, num_classes: int, name: str, ignore_index: int = IGNORE_INDEX) -> None:
+    """Raise when a label holds a value that is neither a class index nor the ignore index."""
+    problem = label_values_problem(label, num_classes, ignore_index)
+    if problem:
+        raise DatasetError(f"{name}: {problem}")
+
+
+def label_value_problems(item: dict, num_classes: int, ignore_index: int = IGNORE_INDEX) -> list[tuple[str, str]]:
+    """(file, problem) for a record whose label holds values outside the classes: the one check of
+    `decode_pair` that needs the pixels, so the up-front data check decodes every label for it."""
+    raw_label = item.get("label")
+    if raw_label is None:
+        return []
+    name = record_name(raw_label, fallback=f"label of sample {item.get('id', '?')!r}")
+    try:
+        problem = label_values_problem(decode_label(raw_label, name), num_classes, ignore_index)
+    except DatasetError as error:
+        return [(name, str(error).removeprefix(f"{name}: "))]
+    return [(name, problem)] if problem else []
 
 
 def decode_pair(item: dict, num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
