@@ -37,7 +37,7 @@ print('transformers', transformers.__version__, 'accelerate', accelerate.__versi
 
 stage tests 170 "$PY" -m pytest -q -p no:cacheprovider -n 4 tests
 
-"$PY" scripts/make_demo_data.py --out "$WORK/data512" --num-train 48 --num-val 4 --min-size 512 --max-size 640 >/dev/null
+"$PY" scripts/make_demo_data.py --out "$WORK/data512" --num_train 48 --num_val 4 --min_size 512 --max_size 640 >/dev/null
 for precision in no bf16; do
   stage "r50_$precision" 110 "$PY" -m accelerate.commands.launch --num_processes 1 --num_machines 1 \
     --mixed_precision "$precision" --dynamo_backend no scripts/train_cps.py \

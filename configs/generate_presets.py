@@ -4,7 +4,7 @@
     python configs/generate_presets.py          # rewrite the YAML files
     python configs/generate_presets.py --check  # exit 1 if a file differs (the tests run this)
 
-Numbers come from ../shared/notes/official-cps-facts.md ("effective" values of the original
+Numbers come from the official code, charlesCXK/TorchSemiSeg ("effective" values of the original
 code: its printed lr 0.01/0.02 is divided by the world size twice, which with a standard DDP mean
 gradient equals lr 0.0025 and weight decay 4e-4 VOC / 8e-4 Cityscapes) and from the paper.
 """

@@ -8,6 +8,7 @@ traceback of its own when the script exits non-zero (it then exits 1 itself).
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from typing import Callable, Sequence
@@ -41,3 +42,28 @@ def run_cli(main: Callable[[list[str]], object], argv: Sequence[str] | None = No
         print(f"interrupted{where}", file=sys.stderr, flush=True)
         return 130
     return result if isinstance(result, int) and not isinstance(result, bool) else 0
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written; each option's help ends with its default unless the help already names it
+    (or there is none: required options, flags that are off unless given)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (not action.option_strings or action.default is None or action.default is False
+                or action.default == argparse.SUPPRESS
+                or "%(default)" in text or "default" in text.lower()):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """The scripts' parser: `HelpFormatter`, and a mistake in the flags is one `UserInputError` line (exit 2
+    through `run_cli`) instead of argparse's usage block."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        raise UserInputError(f"{message} (see {self.prog} --help)")

@@ -13,7 +13,6 @@ the header-only checks that training runs up front (cps_hf.data.preflight), then
 
 from __future__ import annotations
 
-import argparse
 import functools
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cps_hf.cli import run_cli
+from cps_hf.cli import ArgumentParser, run_cli
 from cps_hf.data import DatasetError, class_spec_of, load_cityscapes, load_image_folder, load_voc
 from cps_hf.data.preflight import map_records
 from cps_hf.data.validation import decode_pair, header_problems
@@ -74,11 +73,12 @@ def check_split(dataset: str, root: str, split: str, workers: int) -> tuple[int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", choices=sorted(LOADERS), required=True)
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--dataset", choices=sorted(LOADERS), required=True, help="layout of the tree under --root")
     parser.add_argument("--root", required=True, help="dataset root (for VOC: the folder holding VOCdevkit, or below)")
-    parser.add_argument("--splits", nargs="+", default=None)
-    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--splits", nargs="+", default=None,
+                        help="splits to check; default: train and val")
+    parser.add_argument("--workers", type=int, default=4, help="threads reading and decoding files")
     args = parser.parse_args(argv)
     if not Path(args.root).expanduser().is_dir():
         raise DatasetError(f"--root {args.root}: folder does not exist")

@@ -16,7 +16,6 @@ the comparison with that run's exit status after its own messages.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
@@ -24,7 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cps_hf.cli import run_cli
+from cps_hf.cli import ArgumentParser, run_cli
 from cps_hf.errors import UserInputError
 from cps_hf.run_folder import restart_flags
 
@@ -58,11 +57,13 @@ def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--methods", nargs="+", default=["supervised", "cps_cutmix"])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--output_dir", default="outputs/compare")
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--config", required=True, help="the preset every run trains (configs/*.yaml)")
+    parser.add_argument("--methods", nargs="+", default=["supervised", "cps_cutmix"], help="--method of each run")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0],
+                        help="one run per method and seed (a seed picks the labeled subset, init and order)")
+    parser.add_argument("--output_dir", default="outputs/compare",
+                        help="holds <method>_seed<k>/ per run and comparison.json")
     args = parser.parse_args(argv)
     if not Path(args.config).is_file():
         raise UserInputError(f"--config {args.config}: no such file (give a preset, e.g. configs/demo.yaml)")

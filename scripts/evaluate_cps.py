@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cps_hf.cli import run_cli
+from cps_hf.cli import ArgumentParser, run_cli
 from cps_hf.errors import UserInputError
 from cps_hf.inference import (TransformedDataset, add_protocol_arguments, check_model_source,
                               describe_protocol_choice, evaluate_model, load_checkpoint_networks, load_eval_split,
@@ -45,7 +45,7 @@ from cps_hf.inference import (TransformedDataset, add_protocol_arguments, check_
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--model", help="model folder or Hub id (a transformers segmentation model); alone: that "
                         "one network (network 1 of a CPS run, the paper's evaluation); with --ensemble_checkpoint: "
                         "the architecture, image statistics and protocol of the checkpoint's networks")
@@ -60,15 +60,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--both_branches", action="store_true",
                         help="average the LOGITS (not the softmax) of --model and --model2, as the original code "
                         "would; --models/--ensemble_checkpoint average softmax probabilities")
-    parser.add_argument("--dataset", required=True, choices=["voc", "cityscapes", "folder"])
-    parser.add_argument("--data_root", required=True)
-    parser.add_argument("--split", default="val")
+    parser.add_argument("--dataset", required=True, choices=["voc", "cityscapes", "folder"], help="layout of --data_root")
+    parser.add_argument("--data_root", required=True, help="dataset root folder")
+    parser.add_argument("--split", default="val", help="split to evaluate")
     add_protocol_arguments(parser, "the dataset's: voc whole image padded to 512, cityscapes 800 px windows "
                            "with stride 534, folder whole image")
-    parser.add_argument("--batch_size", type=int, default=1)
-    parser.add_argument("--num_workers", type=int, default=0)
-    parser.add_argument("--max_samples", type=int, help="evaluate only the first N images (quick checks)")
-    parser.add_argument("--output", help="write the results as JSON here")
+    parser.add_argument("--batch_size", type=int, default=1, help="images per forward pass (same-size images)")
+    parser.add_argument("--num_workers", type=int, default=0, help="DataLoader workers decoding images")
+    parser.add_argument("--max_samples", type=int, help="evaluate only the first N images (quick checks); default: all")
+    parser.add_argument("--output", help="also write the results as JSON here; default: print only")
     parser.add_argument(
         "--metric", default="cps_hf",
         help="cps_hf (streaming MeanIoU, default), or an evaluate metric name or path with mean_iou's interface, "

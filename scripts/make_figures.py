@@ -25,7 +25,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cps_hf.cli import run_cli
+from cps_hf.cli import ArgumentParser, run_cli
 from cps_hf.errors import UserInputError
 from cps_hf.inference import (add_protocol_arguments, check_model_source, describe_protocol_choice,
                               load_eval_split, load_segmentation_model, model_eval_protocol, predict_logits,
@@ -43,15 +43,15 @@ AGREEMENT_LABELS = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", required=True)
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--output_dir", required=True, help="where the PNG figures go")
     parser.add_argument("--log", help="a trainer log.jsonl (or the run folder holding it)")
     parser.add_argument("--models", nargs="+", help="model folders or Hub ids, one grid column each")
     parser.add_argument("--titles", nargs="+", help="column titles for --models (default: folder names)")
-    parser.add_argument("--dataset", choices=["voc", "cityscapes", "folder"])
-    parser.add_argument("--data_root")
-    parser.add_argument("--split", default="val")
-    parser.add_argument("--num_images", type=int, default=4)
+    parser.add_argument("--dataset", choices=["voc", "cityscapes", "folder"], help="with --models: layout of --data_root")
+    parser.add_argument("--data_root", help="with --models: dataset root folder")
+    parser.add_argument("--split", default="val", help="with --models: split the images come from")
+    parser.add_argument("--num_images", type=int, default=4, help="with --models: grid rows (the split's first images)")
     parser.add_argument("--ids", nargs="+", help="pick these sample ids instead of the first --num_images")
     parser.add_argument("--cell_size", type=int, nargs=2, metavar=("WIDTH", "HEIGHT"), help="default: first image's")
     add_protocol_arguments(parser, "the dataset's (as scripts/evaluate_cps.py)")

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cps_hf.cli import run_cli
+from cps_hf.cli import ArgumentParser, run_cli
 from cps_hf.errors import UserInputError
 from cps_hf.inference import (add_protocol_arguments, check_model_source, describe_protocol_choice,
                               load_segmentation_model, model_eval_protocol, protocol_for_model)
@@ -48,10 +48,10 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".p
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--model", required=True, help="model folder or Hub id (a transformers segmentation model)")
     parser.add_argument("--inputs", required=True, nargs="+", help="image folders, glob patterns and/or image files")
-    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--output_dir", required=True, help="gets masks/, overlays/ and manifest.jsonl")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="auto: CUDA when there is a GPU (one per process under accelerate launch), else the CPU")
     parser.add_argument("--batch_size", type=int, default=1, help="images per forward pass (same-size images only)")

@@ -14,23 +14,23 @@ an image or a label stops it with `error: ...` naming the files on stderr and ex
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
-from cps_hf.cli import run_cli
+from cps_hf.cli import ArgumentParser, run_cli
 from cps_hf.data import DatasetError
 from cps_hf.data.voc_aug import build_voc_aug
 from cps_hf.errors import UserInputError
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--voc_root", required=True, help="folder holding VOCdevkit, VOCdevkit, or VOC2012")
     parser.add_argument("--sbd_root", required=True, help="benchmark_RELEASE (or its dataset/cls folder)")
     parser.add_argument("--prefer", choices=["voc", "sbd"], default="voc", help="label source for ids in both")
-    parser.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1))
+    parser.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="processes converting the .mat labels (default: up to 8, one per core)")
     args = parser.parse_args(argv)
     for flag, root in (("--voc_root", args.voc_root), ("--sbd_root", args.sbd_root)):
         if not os.path.isdir(os.path.expanduser(root)):

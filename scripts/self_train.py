@@ -42,7 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from cps_hf.cli import run_cli  # noqa: E402
+from cps_hf.cli import ArgumentParser, run_cli  # noqa: E402
 from cps_hf.errors import UserInputError  # noqa: E402
 from cps_hf.self_training import (  # noqa: E402
     PSEUDO_LABELS,
@@ -88,8 +88,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     """(this script's options, the flags for both training stages)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     own, passthrough = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
+    parser = ArgumentParser(description=__doc__, allow_abbrev=False)
     parser.add_argument("--output_dir", required=True, help="the run's folder (stage1/, pseudo_labels/, ...)")
     parser.add_argument("--stage1_method", default=None,
                         help="method of stage 1 (supervised, cps, ...); default: the --method of the flags/preset")

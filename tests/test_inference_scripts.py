@@ -3,6 +3,7 @@ every user-run script's one-line answer to a typical mistake."""
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -176,7 +177,7 @@ USER_MISTAKES = [
     ("check_dataset", "--dataset voc --root {tmp}/no_data", "--root {tmp}/no_data"),
     ("prepare_voc_aug", "--voc_root {tmp}/no_voc --sbd_root {folder}", "--voc_root {tmp}/no_voc"),
     ("compare_methods", "--config {tmp}/missing.yaml --output_dir {tmp}/cmp", "--config {tmp}/missing.yaml"),
-    ("make_demo_data", "--out {tmp}/demo --min-size 90 --max-size 40", "--min-size 90"),
+    ("make_demo_data", "--out {tmp}/demo --min-size 90 --max-size 40", "--min_size 90 is above --max_size 40"),
 ]
 
 
@@ -189,3 +190,67 @@ def test_a_user_mistake_is_one_error_line_with_exit_status_2(script, argv, culpr
     lines = capsys.readouterr().err.splitlines()
     assert status == 2 and len(lines) == 1, lines
     assert lines[0].startswith("error: ") and culprit.format(**names) in lines[0], lines[0]
+
+
+# Every script's --help describes every flag and shows its default; a bad flag value is one line too.
+SCRIPT_NAMES = sorted(path.stem for path in SCRIPTS.glob("*.py"))
+
+
+class _Parsed(Exception):
+    def __init__(self, parser):
+        self.parser = parser
+
+
+def _parser_of(script, monkeypatch):
+    """The argparse parser a script builds for its flags (the one with --help; a pre-parser has none)."""
+    import argparse
+
+    original = argparse.ArgumentParser.parse_known_args
+
+    def capture(self, *args, **kwargs):
+        if self.add_help:
+            raise _Parsed(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", capture)
+    if "/" in script:  # a path from the repository root, e.g. benchmarks/ssl_study.py
+        path = Path(__file__).resolve().parents[1] / script
+        spec = importlib.util.spec_from_file_location(f"_help_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.syspath_prepend(str(path.parent))
+        spec.loader.exec_module(module)
+    else:
+        module = load_script(script)
+    parse = module.parse_args if hasattr(module, "parse_args") and script != "train_cps" else module.main
+    with pytest.raises(_Parsed) as caught:
+        try:
+            parse(["--help"])
+        except TypeError:  # a main() that reads sys.argv itself
+            monkeypatch.setattr(sys, "argv", [script, "--help"])
+            parse()
+    return caught.value.parser
+
+
+@pytest.mark.parametrize("script", SCRIPT_NAMES)
+def test_help_describes_every_flag_with_its_default(script, monkeypatch):
+    import argparse
+
+    parser = _parser_of(script, monkeypatch)
+    formatter = parser._get_formatter()
+    undocumented, no_default = [], []
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction) or action.help == argparse.SUPPRESS:
+            continue
+        name = action.option_strings[0] if action.option_strings else action.dest
+        if not (action.help or "").strip():
+            undocumented.append(name)
+            continue
+        text = formatter._get_help_string(action)
+        has_default = not (action.default is None or action.default is False or action.default == argparse.SUPPRESS)
+        if has_default and "default" not in text.lower():
+            no_default.append(name)
+    assert not undocumented, f"{script}: flags without help: {undocumented}"
+    assert not no_default, f"{script}: help hides the default of {no_default}"
+    assert all(not option.startswith("--") or "-" not in option[2:]
+               for action in parser._actions for option in action.option_strings[:1]), \
+        f"{script}: flags are --snake_case (hyphenated forms may follow as aliases)"

@@ -279,6 +279,21 @@ def test_every_preset_parses_and_is_generated(tmp_path):
     assert check.returncode == 0, check.stdout
 
 
+def test_own_data_has_its_own_starting_preset_and_folder():
+    """The README's own-data command starts from configs/own_data.yaml, not the demo's narrow head, random
+    init and high lr, and writes to its own folder, not into outputs/demo."""
+    from cps_hf.training_args import parse_args
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Your own data", 1)[1].split("\n## ", 1)[0]
+    command = next(line for line in section.splitlines() if "scripts/train_cps.py" in line)
+    assert "--config configs/own_data.yaml" in command and "configs/demo.yaml" not in section
+    own, demo = parse_args(["--config", "configs/own_data.yaml"]), parse_args(["--config", "configs/demo.yaml"])
+    assert own.dataset == "folder" and own.output_dir == "outputs/my_data" != demo.output_dir
+    assert (own.pretrained_backbone, own.aspp_channels, own.decoder_channels, own.low_level_channels) == ("timm", 256, 256, 48)
+    assert own.learning_rate < demo.learning_rate and own.checkpointing_steps and own.eval_steps
+
+
 def test_compare_methods_runs_each_method_and_seed(demo_root, tmp_path, capsys):
     """scripts/compare_methods.py (how the README's demo table is made): one run per method and
     seed, same preset, a summary whose numbers are the runs' own results."""
