@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import difflib
 import functools
-import importlib
 import json
 import math
 import os
@@ -484,20 +483,6 @@ class CPSForSemanticSegmentation(CPSPreTrainedModel):
         self.decode_head = CPSDeepLabV3PlusHead(config, low_in, high_in)
         self._backbone_frozen, self._backbone_checkpointing, self._recompute_hooks = False, False, []
         self.post_init()
-
-    def load_pretrained_backbone(self, source: str | os.PathLike | bool = True) -> "CPSForSemanticSegmentation":
-        """Load ImageNet weights into the backbone after construction (so `post_init` cannot touch them).
-
-        `source=True` takes timm's default pretrained tag from the Hub (what users do); a path loads
-        a local timm/PyTorch checkpoint (.safetensors, .pth, .bin) or the backbone of a cps_hf model
-        file. Weights that match no backbone tensor, or cannot be fetched, raise one line (see
-        `cps_hf.weights`). `from_pretrained` never calls this: a trained model's backbone comes from
-        its own safetensors.
-        """
-        # Imported by name: this file ships as remote code (hub.REMOTE_CODE_FILES), where a relative
-        # import would need cps_hf's other modules next to it. Training always has cps_hf installed.
-        importlib.import_module("cps_hf.weights").load_backbone_weights(self, source)
-        return self
 
     def forward(
         self,

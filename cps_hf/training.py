@@ -79,7 +79,7 @@ def build_networks(
     `init_from` (a trained cps_hf model or step_N checkpoint, see `weights.init_networks_from`)
     replaces all of that, so `pretrained` is then not fetched at all.
     """
-    from .weights import init_networks_from
+    from .weights import init_networks_from, load_backbone_weights
 
     networks = []
     for index in range(num_models):
@@ -92,7 +92,7 @@ def build_networks(
         init_networks_from(networks, init_from)
         return networks
     if pretrained not in ("none", "", None):
-        networks[0].load_pretrained_backbone(True if pretrained == "timm" else pretrained)
+        load_backbone_weights(networks[0], True if pretrained == "timm" else pretrained)
     for network in networks[1:]:
         network.backbone.load_state_dict(networks[0].backbone.state_dict())
         network.config.backbone_pretrained_source = networks[0].config.backbone_pretrained_source

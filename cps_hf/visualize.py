@@ -236,17 +236,32 @@ def read_log(path: str | Path) -> list[dict]:
     return records
 
 
+def split_runs(log_records: Sequence[dict], x_key: str = "step") -> list[list[dict]]:
+    """The log cut wherever `x_key` goes back: one list per run. A run's own log never goes back (a resume
+    drops the records after its checkpoint), so more than one part means several runs wrote to one file,
+    one after the other or interleaved, which a single curve would draw as zig-zags."""
+    runs, last = [[]], None
+    for record in log_records:
+        step = record.get(x_key)
+        if _is_number(step) and last is not None and step < last:
+            runs.append([])
+        if _is_number(step):
+            last = step
+        runs[-1].append(record)
+    return [run for run in runs if run]
+
+
 def numeric_keys(log_records: Iterable[dict]) -> set[str]:
     """Keys with at least one finite number in the log (an all-NaN agreement has nothing to plot)."""
     return {key for record in log_records for key, value in record.items() if _is_number(value)}
 
 
 def plot_curves(log_records: Iterable[dict], keys: Sequence[str], path: str | Path, x_key: str = "step",
-                title: str | None = None) -> Path:
+                title: str | None = None, ylabels: dict[str, str] | None = None) -> Path:
     """One panel per key (e.g. loss, loss_cps, agreement, eval_mean_iou) against `x_key`, saved as PNG.
 
     Records without a key are skipped for that panel (evaluation is logged less often than losses).
-    The agreement panel is the paper's Figure 7 (how often the two branches' argmax agree).
+    Each panel's y axis is labelled with `ylabels[key]`, else the key.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -268,6 +283,7 @@ def plot_curves(log_records: Iterable[dict], keys: Sequence[str], path: str | Pa
         xs, ys = zip(*points)
         axes.plot(xs, ys, marker="o" if len(points) < 30 else None, markersize=3)
         axes.set_xlabel(x_key)
+        axes.set_ylabel((ylabels or {}).get(key, key))
         axes.set_title(key)
         axes.grid(alpha=0.3)
     if title:
@@ -306,11 +322,12 @@ def plot_lines(log_records: Iterable[dict], keys: Sequence[str], path: str | Pat
     if title:
         axes.set_title(title)
     axes.grid(alpha=0.3)
-    axes.legend()
+    # below the axes, not over the curves (agreement curves fill the whole panel)
+    axes.legend(loc="upper left", bbox_to_anchor=(0.0, -0.16), fontsize=8, frameon=False)
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png")
+    figure.savefig(path, format="png", bbox_inches="tight")
     return path
 
 

@@ -133,11 +133,15 @@ class BackboneLoad:
 
 
 def load_backbone_weights(model: CPSForSemanticSegmentation, source: str | os.PathLike | bool) -> BackboneLoad | None:
-    """`source=True`: timm's Hub weights for `config.backbone`, failing fast without a network.
+    """Pretrained weights into a built model's backbone (after construction, so `post_init` cannot touch
+    them; `from_pretrained` never calls this: a trained model's backbone comes from its own safetensors).
+
+    `source=True`: timm's Hub weights for `config.backbone`, failing fast without a network.
     A path: a timm/PyTorch checkpoint, or the backbone part of a cps_hf model file; refused when
-    no tensor fits, a warning when only some do. Returns what was loaded (None for Hub weights)."""
+    no tensor fits, a warning when only some do. Returns what was loaded (None for Hub weights).
+    Loading weights is this module's job, a layer above the model: modeling_cps never imports it."""
     if source is False or source is None:
-        raise ValueError("load_pretrained_backbone needs source=True (timm Hub weights) or a checkpoint path")
+        raise ValueError("load_backbone_weights needs source=True (timm Hub weights) or a checkpoint path")
     if source is True:
         _load_hub_backbone(model)
         return None

@@ -81,13 +81,19 @@ def agreement_keys(numeric: set[str]) -> list[str]:
     return sorted(found, key=lambda k: (order.index(_base_name(k)) if _base_name(k) in order else len(order), k))
 
 
+def _ylabel(key: str) -> str:
+    """What a training panel's y axis shows."""
+    name = _base_name(key)
+    return "loss" if name.startswith("loss") else {"lr": "learning rate"}.get(name, name)
+
+
 def _agreement_label(key: str) -> str:
     meaning = AGREEMENT_LABELS.get(_base_name(key))
     return f"{key}: {meaning}" if meaning else key
 
 
 def curve_figures(log_path: str, output_dir: Path) -> list[Path]:
-    from cps_hf.visualize import numeric_keys, plot_curves, plot_lines, read_log
+    from cps_hf.visualize import numeric_keys, plot_curves, plot_lines, read_log, split_runs
 
     path = Path(log_path)
     path = path / "log.jsonl" if path.is_dir() else path
@@ -97,11 +103,19 @@ def curve_figures(log_path: str, output_dir: Path) -> list[Path]:
         records = read_log(path)
     except ValueError as err:
         raise UserInputError(f"--log {err}") from None
+    runs = split_runs(records)
+    if len(runs) > 1:
+        first_line = len(records) - len(runs[-1]) + 1
+        print(f"warning: {path} holds {len(runs)} runs (the step goes back {len(runs) - 1} time(s): several runs "
+              f"wrote to this file, one after another or at once); drawing only the last, from record {first_line} "
+              "on. Give each run its own --output_dir.", flush=True)
+        records = runs[-1]
     numeric = numeric_keys(records)
     written = []
     training = logged_keys(numeric, TRAINING_KEYS)
     if training:
-        written.append(plot_curves(records, training, output_dir / "training_curves.png", title="Training"))
+        written.append(plot_curves(records, training, output_dir / "training_curves.png", title="Training",
+                                   ylabels={key: _ylabel(key) for key in training}))
     else:
         print(f"{path}: no values for training_curves.png ({', '.join(TRAINING_KEYS)})")
     agreement = agreement_keys(numeric)
@@ -114,7 +128,8 @@ def curve_figures(log_path: str, output_dir: Path) -> list[Path]:
         print(f"{path}: no values for agreement.png ({', '.join(AGREEMENT_LABELS)})")
     evaluation = logged_keys(numeric, ["eval_mean_iou"])
     if evaluation:
-        written.append(plot_curves(records, evaluation, output_dir / "eval_mean_iou.png", title="Validation mIoU"))
+        written.append(plot_curves(records, evaluation, output_dir / "eval_mean_iou.png", title="Validation mIoU",
+                                   ylabels={key: "mean IoU (0-1)" for key in evaluation}))
     else:
         print(f"{path}: no values for eval_mean_iou.png (eval_mean_iou)")
     if not written:

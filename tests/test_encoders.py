@@ -25,7 +25,7 @@ from cps_hf import CPSConfig, CPSForSemanticSegmentation, CPSImageProcessor
 from cps_hf.hub import export_model
 from cps_hf.modeling_cps import vit_tap_indices
 from cps_hf.training import build_networks, freeze_unreachable_parameters
-from cps_hf.weights import check_checkpoint_matches, init_networks_from
+from cps_hf.weights import check_checkpoint_matches, init_networks_from, load_backbone_weights
 
 import tiny_models
 from tiny_models import LABELS, logits_of, with_running_statistics
@@ -249,8 +249,8 @@ def test_a_timm_vit_checkpoint_loads_into_the_pruned_backbone(tmp_path):
             tensor.uniform_(0.5, 1.5)
     torch.save(timm_vit.state_dict(), tmp_path / "vit.pth")
     model = tiny_model(vit_feature_indices=[1])  # blocks 0-1 kept: blocks 2-3 and the classifier are unused
-    report = model.load_pretrained_backbone(tmp_path / "vit.pth")
-    assert report is model
+    report = load_backbone_weights(model, tmp_path / "vit.pth")
+    assert report.loaded == report.total and not report.kept_random
     theirs = timm_vit.state_dict()
     for key, tensor in model.backbone.state_dict().items():
         assert torch.equal(tensor, theirs[key]), key

@@ -5,7 +5,7 @@
 - push: the commit huggingface_hub would send is captured (no network) and checked file by file;
 - pull: a real HTTP download through an `olah` Hub mirror serving the pushed layout from a git
   repository on disk;
-- `from_pretrained` never fetches backbone weights; `load_pretrained_backbone` keeps them.
+- `from_pretrained` never fetches backbone weights; `cps_hf.weights.load_backbone_weights` keeps them.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from cps_hf.weights import load_backbone_weights
 import timm
 import torch
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
@@ -504,7 +506,7 @@ def test_pull_from_an_olah_mirror_over_http(model, exported, pixel_values, olah_
 
 
 # ---------------------------------------------------------------------------------------------
-# Backbone weights: never downloaded by from_pretrained, kept by load_pretrained_backbone
+# Backbone weights: never downloaded by from_pretrained, kept by load_backbone_weights
 # ---------------------------------------------------------------------------------------------
 
 
@@ -540,14 +542,14 @@ def test_from_pretrained_never_downloads_backbone_weights(tmp_path, pixel_values
 
     # The guard is at the right level: asking for the pretrained backbone does hit it...
     with pytest.raises(FetchAttempt):
-        CPSForSemanticSegmentation(trained.config).load_pretrained_backbone(True)
+        load_backbone_weights(CPSForSemanticSegmentation(trained.config), True)
     # ...while loading the exported model does not, and gives back the trained weights.
     loaded = AutoModelForSemanticSegmentation.from_pretrained(folder).eval()
     assert loaded.config.backbone == "resnet18.a1_in1k"
     assert_same_logits(logits_of(loaded, pixel_values), logits_of(trained, pixel_values))
 
 
-def test_load_pretrained_backbone_from_a_local_file_survives_post_init(tmp_path):
+def test_load_backbone_weights_from_a_local_file_survives_post_init(tmp_path):
     generator = torch.Generator().manual_seed(2)
     state_dict = timm.create_model("resnet18", pretrained=False).state_dict()
     for name, tensor in state_dict.items():
@@ -558,7 +560,8 @@ def test_load_pretrained_backbone_from_a_local_file_survives_post_init(tmp_path)
 
     model = CPSForSemanticSegmentation(tiny_config())
     head_before = {k: v.clone() for k, v in model.decode_head.state_dict().items()}
-    assert model.load_pretrained_backbone(checkpoint) is model
+    report = load_backbone_weights(model, checkpoint)
+    assert report.loaded == report.total and not report.kept_random
 
     backbone = model.backbone.state_dict()
     assert any(name.endswith("running_mean") for name in backbone)
@@ -569,4 +572,4 @@ def test_load_pretrained_backbone_from_a_local_file_survives_post_init(tmp_path)
     assert model.config.backbone_pretrained_source == "resnet18_imagenet.pth"
 
     with pytest.raises(FileNotFoundError, match="missing.pth"):
-        model.load_pretrained_backbone(tmp_path / "missing.pth")
+        load_backbone_weights(model, tmp_path / "missing.pth")

@@ -232,3 +232,60 @@ def test_make_figures_grid_has_large_cells_and_a_legend_from_id2label(tmp_path, 
     assert width >= 3 * 256 and height >= 2 * 205  # 40x32 images in cells of 256x205, not thumbnails
     cells_end = max(np.nonzero(pixels[:, 4:-4].std(axis=(1, 2)) > 0)[0])  # last non-white row is in the legend
     assert cells_end > height - 60
+
+
+def _saved_figures(monkeypatch):
+    """Every matplotlib Figure saved from now on (still open for inspection)."""
+    from matplotlib.figure import Figure
+
+    saved, real = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: saved.append(self) or real(self, *a, **k))
+    return saved
+
+
+def test_figures_label_their_axes_and_keep_the_legend_off_the_curves(tmp_path, monkeypatch):
+    saved = _saved_figures(monkeypatch)
+    run = tmp_path / "run"
+    run.mkdir()
+    trainer_log(run / "log.jsonl")
+    load_make_figures().main(["--log", str(run), "--output_dir", str(tmp_path / "figs")])
+    curves, agreement, evaluation = saved
+    assert [axes.get_ylabel() for axes in curves.axes] == ["loss", "loss", "loss", "learning rate"]
+    assert evaluation.axes[0].get_ylabel() == "mean IoU (0-1)"
+    axes = agreement.axes[0]
+    renderer = agreement.canvas.get_renderer()
+    legend, plot = axes.get_legend().get_window_extent(renderer), axes.get_window_extent(renderer)
+    assert legend.y1 <= plot.y0  # below the panel, never over a curve
+    assert axes.get_ylabel()
+
+
+def test_a_log_of_several_runs_is_drawn_as_its_last_run_with_a_warning(tmp_path, monkeypatch, capsys):
+    from cps_hf.visualize import split_runs
+
+    saved = _saved_figures(monkeypatch)
+    run = tmp_path / "run"
+    run.mkdir()
+    first = trainer_log(tmp_path / "first.jsonl").read_text()
+    second = "".join(json.dumps({"step": s, "loss": 10.0 + s, "lr": 0.1}) + "\n" for s in (1, 2, 3))
+    (run / "log.jsonl").write_text(first + second)
+    records = read_log(run / "log.jsonl")
+    assert [len(part) for part in split_runs(records)] == [7, 3]
+    assert len(split_runs(records[:7])) == 1  # one run's own log (eval records repeat a step) is one part
+    load_make_figures().main(["--log", str(run), "--output_dir", str(tmp_path / "figs")])
+    assert "holds 2 runs" in capsys.readouterr().out
+    loss_axes = saved[0].axes[0]
+    assert list(loss_axes.lines[0].get_xdata()) == [1, 2, 3]  # the last run only: no zig-zag
+    assert list(loss_axes.lines[0].get_ydata()) == [11.0, 12.0, 13.0]
+
+
+def test_the_demo_draws_each_class_in_its_own_hue():
+    """The demo's "blue" used VOC's colour 3, olive (128, 128, 0)."""
+    from cps_hf.data import DEMO_CLASSES
+    from cps_hf.data.demo import demo_palette
+
+    palette = demo_palette()
+    colours = [palette[3 * i: 3 * i + 3] for i in range(len(DEMO_CLASSES))]
+    assert colours[0] == [0, 0, 0]
+    for index, channel in ((1, 0), (2, 1), (3, 2)):  # red, green, blue: that channel dominates
+        assert colours[index][channel] > 2 * max(v for k, v in enumerate(colours[index]) if k != channel)
+    assert palette[3 * 255: 3 * 256] == [224, 224, 192] and len(palette) == 768  # VOC's ignore colour

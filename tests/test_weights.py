@@ -4,6 +4,7 @@ and checkpoints refused up front when they were trained for other networks."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import timm
@@ -12,6 +13,7 @@ from accelerate import Accelerator
 from huggingface_hub import constants
 from safetensors.torch import save_file
 
+import cps_hf
 from cps_hf import CPSForSemanticSegmentation
 from cps_hf.training import build_networks
 from cps_hf.weights import (
@@ -19,6 +21,7 @@ from cps_hf.weights import (
     WeightsUnavailableError,
     check_checkpoint_matches,
     init_networks_from,
+    load_backbone_weights,
 )
 
 from tiny_models import tiny_config
@@ -67,7 +70,7 @@ def test_a_timm_checkpoint_loads_every_backbone_tensor(tmp_path, resnet18_weight
     torch.save(resnet18_weights, path) if suffix == "pth" else save_file(resnet18_weights, path)
     model = CPSForSemanticSegmentation(tiny_config())
     with caplog.at_level("INFO", logger="cps_hf.weights"):
-        model.load_pretrained_backbone(path)
+        load_backbone_weights(model, path)
     backbone = model.backbone.state_dict()
     assert all(torch.equal(v, resnet18_weights[k]) for k, v in backbone.items() if v.is_floating_point())
     assert "loaded 100 of the backbone's 100 weight tensors" in caplog.text
@@ -78,7 +81,7 @@ def test_a_file_that_fits_no_backbone_tensor_is_refused(tmp_path):
     torch.save({"encoder.stem.weight": torch.randn(8, 3, 3, 3)}, path)
     model = CPSForSemanticSegmentation(tiny_config())
     with pytest.raises(WeightsMismatchError, match=r"none of its 1 tensors fit backbone 'resnet18'") as caught:
-        model.load_pretrained_backbone(path)
+        load_backbone_weights(model, path)
     assert "\n" not in str(caught.value) and "'none'" in str(caught.value)
 
 
@@ -88,7 +91,7 @@ def test_a_partial_file_warns_with_counts_and_loads_what_fits(tmp_path, resnet18
     model = CPSForSemanticSegmentation(tiny_config())
     layer4_before = model.backbone.layer4.state_dict()
     with pytest.warns(UserWarning, match=r"loaded 75 of the backbone's 100 .* 25 keep their random init"):
-        model.load_pretrained_backbone(path)
+        load_backbone_weights(model, path)
     assert torch.equal(model.backbone.conv1.weight, resnet18_weights["conv1.weight"])
     assert same_tensors(model.backbone.layer4.state_dict(), layer4_before)
 
@@ -97,7 +100,7 @@ def test_a_file_with_other_shapes_is_one_line(tmp_path, resnet18_weights):
     path = tmp_path / "wrong.pth"
     torch.save(dict(resnet18_weights, **{"conv1.weight": torch.randn(64, 3, 3, 3)}), path)
     with pytest.raises(WeightsMismatchError, match=r"does not fit backbone 'resnet18': size mismatch for conv1.weight"):
-        CPSForSemanticSegmentation(tiny_config()).load_pretrained_backbone(path)
+        load_backbone_weights(CPSForSemanticSegmentation(tiny_config()), path)
 
 
 def test_a_cps_hf_model_file_gives_its_backbone_and_points_to_init_from(tmp_path):
@@ -106,12 +109,12 @@ def test_a_cps_hf_model_file_gives_its_backbone_and_points_to_init_from(tmp_path
     trained.save_pretrained(tmp_path / "model")
     model = CPSForSemanticSegmentation(tiny_config(3))  # other classes: only the backbone carries over
     with pytest.warns(UserWarning, match=r"cps_hf model: took its backbone only.*--init_from"):
-        model.load_pretrained_backbone(tmp_path / "model" / "model.safetensors")
+        load_backbone_weights(model, tmp_path / "model" / "model.safetensors")
     assert same_tensors(model.backbone.state_dict(), trained.backbone.state_dict())
 
     other = CPSForSemanticSegmentation(tiny_config(backbone="mobilenetv3_small_100"))
     with pytest.raises(WeightsMismatchError, match=r"backbone 'resnet18' .*this run's backbone is 'mobilenetv3"):
-        other.load_pretrained_backbone(tmp_path / "model" / "model.safetensors")
+        load_backbone_weights(other, tmp_path / "model" / "model.safetensors")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,7 +138,7 @@ def dead_network(monkeypatch):
 def test_hub_backbone_offline_and_not_cached_is_one_line(empty_hub_cache):
     model = CPSForSemanticSegmentation(tiny_config())
     with pytest.raises(WeightsUnavailableError) as caught:
-        model.load_pretrained_backbone(True)
+        load_backbone_weights(model, True)
     message = str(caught.value)
     assert "timm resnet18.a1_in1k, Hub repo timm/resnet18.a1_in1k" in message and "HF_HUB_OFFLINE" in message
     assert "--pretrained_backbone none" in message and "\n" not in message
@@ -145,7 +148,7 @@ def test_hub_backbone_without_network_fails_fast(empty_hub_cache, dead_network):
     model = CPSForSemanticSegmentation(tiny_config())
     start = time.monotonic()
     with pytest.raises(WeightsUnavailableError, match=r"Hub repo timm/resnet18.a1_in1k\): http://127.0.0.1:9 is unr"):
-        model.load_pretrained_backbone(True)
+        load_backbone_weights(model, True)
     assert time.monotonic() - start < 10
 
 
@@ -155,7 +158,8 @@ def test_hub_backbone_without_network_uses_the_cache(empty_hub_cache, dead_netwo
     save_file(resnet18_weights, snapshot / "model.safetensors")
     (empty_hub_cache / "models--timm--resnet18.a1_in1k" / "refs").mkdir()
     (empty_hub_cache / "models--timm--resnet18.a1_in1k" / "refs" / "main").write_text("0123abc")
-    model = CPSForSemanticSegmentation(tiny_config()).load_pretrained_backbone(True)
+    model = CPSForSemanticSegmentation(tiny_config())
+    assert load_backbone_weights(model, True) is None  # Hub weights: nothing to report
     assert torch.equal(model.backbone.layer4[1].bn2.running_var, resnet18_weights["layer4.1.bn2.running_var"])
     assert model.config.backbone_pretrained_source == "timm/resnet18.a1_in1k"
 
@@ -235,3 +239,14 @@ def test_check_checkpoint_refuses_other_classes_method_and_backbone(checkpoint_o
     with pytest.raises(WeightsMismatchError, match=r"step_4 \(model.safetensors\) does not fit .*--backbone"):
         check_checkpoint_matches(checkpoint_of_5_classes,
                                  build_networks(tiny_config(5, backbone="mobilenetv3_small_100"), 2))
+
+
+def test_the_model_module_does_not_import_the_weights_loader_back():
+    """Loading weights (cps_hf.weights) is a layer above the model: weights imports modeling_cps, never
+    the other way round (modeling_cps.py also ships alone as the Hub's remote code)."""
+    import re
+
+    source = (Path(cps_hf.__file__).parent / "modeling_cps.py").read_text()
+    imports = [line.strip() for line in source.splitlines() if re.match(r"\s*(import|from)\s", line)]
+    assert not [line for line in imports if re.search(r"\bweights\b", line)], imports
+    assert "import_module" not in source and "__import__" not in source

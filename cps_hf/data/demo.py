@@ -119,6 +119,13 @@ def _voc_border(label: np.ndarray) -> np.ndarray:
     return bordered
 
 
+def demo_palette() -> list[int]:
+    """Flat [r, g, b, ...] colours that look like the demo's classes (black background, then red, green and
+    blue; VOC's colour map would draw "blue" olive), VOC's for every other index, 255 (ignore) included."""
+    colours = [0, 0, 0, 200, 30, 30, 30, 160, 30, 40, 70, 210]
+    return colours + voc_palette()[len(colours):]
+
+
 def write_voc_sample(folders: dict, sample_id: str, image: np.ndarray, label: np.ndarray, palette: list[int]) -> None:
     """One scene in VOC's layout: the JPEG, the palette PNG with VOC's ignore border, and the plain
     SegmentationClassAug PNG (what the trainer reads)."""
@@ -158,7 +165,7 @@ def make_demo_voc(
     folders = {name: voc / name for name in ("JPEGImages", "SegmentationClass", "SegmentationClassAug")}
     for folder in list(folders.values()) + [voc / "ImageSets" / "Segmentation", voc / "ImageSets" / "SegmentationAug"]:
         folder.mkdir(parents=True, exist_ok=True)
-    palette = voc_palette()
+    palette = demo_palette()
     rng = np.random.default_rng(seed)
     ids = {"train": [f"demo_{i:06d}" for i in range(num_train)], "val": [f"demo_{num_train + i:06d}" for i in range(num_val)]}
     for split_ids in ids.values():
