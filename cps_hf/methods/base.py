@@ -1,7 +1,8 @@
 """The method contract and what every method shares: the output type, step logs, the lambda
 schedule, input checks, the supervised loss, agreement logs, and the registry.
 
-The training loop is the same for every method: it calls ``method(models, batch, step)``,
+The training loop is the same for every method: it calls ``method.init_networks(networks)`` and
+``method.set_steps_per_epoch(n)`` once, then per step ``method(models, batch, step)``,
 back-propagates ``output.loss``, logs ``output.logs``, steps the optimizer over the first
 ``trained_count`` networks and then calls ``method.after_optimizer_step(networks, step)``. A
 method owns the forward passes, the losses and the per-step logs; it never touches the optimizer.
