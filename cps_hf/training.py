@@ -229,19 +229,31 @@ def prune_checkpoints(output_dir: str | Path, keep: int | None) -> None:
 
 
 def mean_logs(records: list[dict[str, float]]) -> dict[str, float]:
-    """Average step logs over the micro-batches of one optimizer step (keys all of them share)."""
-    keys = set(records[0]).intersection(*records[1:])
-    return {key: sum(r[key] for r in records) / len(records) for key in sorted(keys)}
+    """Average step logs over the micro-batches of one optimizer step: each key over the micro-batches
+    that logged it (a per-class ratio exists only where that class was predicted)."""
+    keys = set().union(*records)
+    return {key: sum(values) / len(values)
+            for key in sorted(keys) for values in [[r[key] for r in records if key in r]]}
 
 
 def reduce_logs(logs: dict[str, float], accelerator) -> dict[str, float]:
-    """Mean of the step logs over all processes, so the logged loss is the whole batch's, not rank 0's."""
-    if accelerator.num_processes == 1 or not logs:
+    """Mean of the step logs over all processes, so the logged loss is the whole batch's, not rank 0's.
+
+    Ranks may log different keys (a per-class ratio of a class only one rank predicted): the union of
+    the keys is reduced, each key averaged over the ranks that have a number for it (NaN where none has).
+    """
+    if accelerator.num_processes == 1:
         return logs
-    keys = sorted(logs)
-    values = torch.tensor([logs[key] for key in keys], dtype=torch.float32, device=accelerator.device)
-    values = accelerator.reduce(values, reduction="mean")
-    return dict(zip(keys, values.tolist()))
+    from accelerate.utils import gather_object
+
+    keys = sorted(set().union(*gather_object([sorted(logs)])))
+    if not keys:
+        return logs
+    values = torch.tensor([logs.get(key, float("nan")) for key in keys], dtype=torch.float64, device=accelerator.device)
+    present = ~torch.isnan(values)
+    totals = accelerator.reduce(torch.where(present, values, torch.zeros_like(values)), reduction="sum")
+    counts = accelerator.reduce(present.to(values.dtype), reduction="sum")
+    return dict(zip(keys, (totals / counts).tolist()))  # 0 / 0: NaN, as every rank's NaN
 
 
 def eval_scalars(results: dict, class_names: list[str]) -> dict[str, float]:

@@ -175,6 +175,7 @@ def train(args) -> dict:
         num_networks=args.num_networks,
         ncps_sum=args.ncps_sum,
         generator_seed=args.seed,
+        class_names=bundle.class_names,  # names the per-class kept fractions of a thresholded run
         # Figure 7's "foreground" agreement leaves out background; Cityscapes' class 0 is road.
         background_index=0 if bundle.class_names[0].lower() in ("background", "_background_") else None,
     )

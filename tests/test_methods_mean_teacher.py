@@ -563,5 +563,8 @@ def test_two_cpu_processes_stay_in_sync(demo_root, tmp_path):
     assert completed.returncode == 0, "\n".join(rank_lines[-60:]) or completed.stderr[-3000:]
     results = json.loads((out / "all_results.json").read_text())
     assert results["num_processes"] == 2 and results["final_step"] == 3
-    assert [r["step"] for r in _read_log(out) if "loss" in r] == [1, 2, 3]
+    records = [r for r in _read_log(out) if "loss" in r]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    # per-class kept fractions (0.97 threshold): ranks may predict different classes, the keys are unioned
+    assert all(any(key.startswith("pseudo_kept_u/") for key in r) for r in records)
     assert "teacher (network 2 of 2)" in _card_row(out / "model")

@@ -527,3 +527,26 @@ def test_cps_switch_and_threshold_through_the_trainer(demo_root, tmp_path, metho
     assert [r["step"] for r in records] == [1, 2]
     for record in records:
         assert all(key in record for key in present) and not any(key in record for key in absent)
+
+
+def test_the_kept_fraction_of_each_class_is_logged_over_both_networks():
+    """Which classes a threshold starves: of the pixels each network's argmax gives a class, the share
+    kept, summed over the two networks (issue: thresholds erase classes silently)."""
+    models = _models()
+    batch = _batch(1, 2, 3)
+    x_u = batch["unlabeled"][0]["pixel_values"]
+    zu = [_logits(m, x_u).detach() for m in models]
+    tau = float(torch.cat([_confidence(z).flatten() for z in zu]).median())
+    names = [f"c{k}" for k in range(zu[0].shape[1])]
+    out = build_method("cps", cross_entropy, **{**TRAINER_OPTIONS, "pseudo_label_threshold": tau,
+                                                "cps_on_labeled": False, "class_names": names})(models, batch, step=0)
+    for c, name in enumerate(names):
+        predicted = sum(int((z.argmax(1) == c).sum()) for z in zu)
+        kept = sum(int(((z.argmax(1) == c) & (_confidence(z) >= tau)).sum()) for z in zu)
+        if predicted:
+            assert out.logs[f"pseudo_kept_u/{name}"] == pytest.approx(kept / predicted), name
+        else:
+            assert f"pseudo_kept_u/{name}" not in out.logs  # a class nobody predicted has no ratio
+    assert any(key.startswith("pseudo_kept_u/") for key in out.logs)
+    plain = build_method("cps", cross_entropy, **{**TRAINER_OPTIONS, "cps_on_labeled": False})(_models(), batch, step=0)
+    assert not any(key.startswith("pseudo_kept") for key in plain.logs)

@@ -337,3 +337,12 @@ def test_parameters_that_never_reach_the_logits_are_frozen():
     assert all(p.grad is not None for p in hrnet.parameters() if p.requires_grad)
     (resnet,) = build_networks(config("resnet18"), 1)
     assert freeze_unreachable_parameters(resnet) == []
+
+
+def test_step_logs_average_each_key_over_the_micro_batches_that_logged_it():
+    """A per-class kept fraction exists only where that class was predicted: averaged where it exists,
+    never dropped because one micro-batch lacks it (ranks do the same in reduce_logs, tested under DDP)."""
+    from cps_hf.training import mean_logs
+
+    logs = mean_logs([{"loss": 1.0, "pseudo_kept_u/red": 0.5}, {"loss": 3.0}, {"loss": 2.0, "pseudo_kept_u/red": 0.25}])
+    assert logs == {"loss": 2.0, "pseudo_kept_u/red": 0.375}

@@ -22,8 +22,11 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
     "ncps_sum": ("ncps", ["--num_networks", "3", "--ncps_sum"], "n-CPS (N = 3), summed over peers"),
     # UniMatch's normalisation (the default): the thresholded loss is divided by all pixels
     "cps_cutmix_t0.95": ("cps_cutmix", ["--pseudo_label_threshold", "0.95"], "CPS + CutMix, threshold 0.95"),
+    # the same runs with the loss a mean over the kept pixels only (this package's form before)
+    "cps_cutmix_t0.95_kept": ("cps_cutmix", ["--pseudo_label_threshold", "0.95", "--pseudo_label_normalize", "kept"],
+                              "CPS + CutMix, threshold 0.95, mean over kept pixels"),
 }
-CPS_FAMILY = ("cps", "cps_cutmix", "ncps", "ncps_sum", "cps_cutmix_t0.95")
+CPS_FAMILY = ("cps", "cps_cutmix", "ncps", "ncps_sum", "cps_cutmix_t0.95", "cps_cutmix_t0.95_kept")
 FIGURE_VARIANTS = ("supervised", "mean_teacher_cutmix", "cps", "cps_cutmix")  # predictions.png columns
 REFERENCE = "all"  # the fraction tag of the supervised all-labels ceiling
 

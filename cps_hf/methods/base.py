@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -55,6 +56,7 @@ class StepLogs:
     def __init__(self):
         self._tensors: dict[str, torch.Tensor] = {}
         self._floats: dict[str, float] = {}
+        self._counts: dict[str, tuple[torch.Tensor, torch.Tensor, list[str]]] = {}
 
     def add(self, name: str, value: torch.Tensor | float) -> None:
         if isinstance(value, torch.Tensor):
@@ -66,12 +68,48 @@ class StepLogs:
         agree, counted = agreement_counts(predictions_1, predictions_2, ignore_mask)
         self.add(name, agree.float() / counted.float())  # NaN when no pixel is counted
 
+    def add_counts(self, name: str, numerators: torch.Tensor, denominators: torch.Tensor, labels: Sequence[str]) -> None:
+        """Per-class ratios, summed over calls with the same `name` (e.g. every network's pseudo labels):
+        logged as ``name/<label>`` = sum of numerators / sum of denominators, for classes whose
+        denominator is not 0 (a class nobody predicted has no ratio)."""
+        numerators, denominators = numerators.detach().float(), denominators.detach().float()
+        if name in self._counts:
+            before = self._counts[name]
+            numerators, denominators = before[0] + numerators, before[1] + denominators
+        self._counts[name] = (numerators, denominators, list(labels))
+
     def to_floats(self) -> dict[str, float]:
         logs = dict(self._floats)
         if self._tensors:
             values = torch.stack(list(self._tensors.values())).tolist()
             logs.update(zip(self._tensors.keys(), values))
+        for name, (numerators, denominators, labels) in self._counts.items():
+            for label, numerator, denominator in zip(labels, numerators.tolist(), denominators.tolist()):
+                if denominator > 0:
+                    logs[f"{name}/{label}"] = numerator / denominator
         return logs
+
+
+class KeptFractions:
+    """Stands in for the step logs in `Method.pseudo_targets` when several networks make pseudo labels:
+    forwards each network's kept fraction (``pseudo_kept_{suffix}_k``) and its per-class counts, and
+    remembers the fractions, so that their mean over the networks can be logged as ``pseudo_kept_{suffix}``
+    (the networks see the same images, so that mean is the kept fraction of all their pseudo labels)."""
+
+    def __init__(self, logs: StepLogs):
+        self.logs = logs
+        self.values: list[torch.Tensor] = []
+
+    def add(self, name: str, value) -> None:
+        self.logs.add(name, value)
+        self.values.append(torch.as_tensor(value).detach().float().reshape(()))
+
+    def add_counts(self, name, numerators, denominators, labels) -> None:
+        self.logs.add_counts(name, numerators, denominators, labels)
+
+    def log_mean(self, name: str) -> None:
+        if self.values:  # nothing was logged when the threshold is 0
+            self.logs.add(name, torch.stack([v.to(self.values[0].device) for v in self.values]).mean())
 
 
 class Method:
@@ -96,6 +134,8 @@ class Method:
         cutmix_num_boxes / cutmix_area_range: the box mask of the CutMix methods (boxes per mask, and
             the range of the area they cover together); None: the method's own (CPS's 3 boxes of
             0.25-0.5, CutMix-Seg's 1 box of 0.5).
+        class_names: names for the per-class kept fractions of a thresholded run (``pseudo_kept_u/<name>``);
+            None: the class indices.
         freeze_bn: keep the encoder's BatchNorm layers in eval mode (running statistics fixed, affine
             parameters still trained), in every network; None: the method's default (on for
             CutMix-Seg, whose scripts all pass --freeze_bn; off elsewhere).
@@ -132,6 +172,7 @@ class Method:
         cutmix_num_boxes: int | None = None,
         cutmix_area_range: Sequence[float] | None = None,
         freeze_bn: bool | None = None,
+        class_names: Sequence[str] | None = None,
     ):
         if cps_weight < 0:
             raise ValueError(f"cps_weight must be >= 0, got {cps_weight}")
@@ -152,6 +193,7 @@ class Method:
         self.cps_weight_rampup_epochs = float(cps_weight_rampup_epochs)
         self.steps_per_epoch: int | None = None
         self.freeze_bn = self.default_freeze_bn if freeze_bn is None else bool(freeze_bn)
+        self.class_names = list(class_names) if class_names is not None else None
         default_boxes, default_area = self.default_cutmix_boxes
         self.cutmix_num_boxes = int(default_boxes if cutmix_num_boxes is None else cutmix_num_boxes)
         self.cutmix_area_range = tuple(float(v) for v in (default_area if cutmix_area_range is None else cutmix_area_range))
@@ -262,8 +304,10 @@ class Method:
                        logs: "StepLogs | None" = None, log_name: str = "pseudo_kept_u") -> torch.Tensor:
         """Pseudo labels for a loss: the argmax (`predictions`, if already computed), and with
         `pseudo_label_threshold` > 0 every pixel whose softmax confidence is below it set to
-        `ignore_index`. The kept fraction goes to `logs[log_name]`. Threshold 0 returns the argmax
-        itself, so the paper's methods are unchanged."""
+        `ignore_index`. The kept fraction goes to `logs[log_name]`, and per class (of the pixels whose
+        argmax is that class, the share kept; summed over the networks of a step) to
+        ``<log_name without a trailing _k>/<class>``, so a threshold that starves a class shows. Threshold
+        0 returns the argmax itself, so the paper's methods are unchanged."""
         predictions = pseudo_labels(logits) if predictions is None else predictions
         if self.pseudo_label_threshold <= 0:
             return predictions
@@ -271,6 +315,12 @@ class Method:
             confident = logits.detach().float().softmax(dim=1).amax(dim=1) >= self.pseudo_label_threshold
             if logs is not None:
                 logs.add(log_name, confident.float().mean())
+                num_classes = logits.shape[1]
+                labels = self.class_names if self.class_names and len(self.class_names) == num_classes \
+                    else [str(c) for c in range(num_classes)]
+                logs.add_counts(re.sub(r"_\d+$", "", log_name),
+                                torch.bincount(predictions[confident].flatten(), minlength=num_classes),
+                                torch.bincount(predictions.flatten(), minlength=num_classes), labels)
             return predictions.masked_fill(~confident, self.ignore_index)
 
     def pseudo_denominator(self, targets: torch.Tensor) -> int | None:

@@ -6,33 +6,14 @@ import torch
 
 from ..cutmix import mix
 from ..losses import cross_supervision, pseudo_labels
-from .base import Method, MethodOutput, StepLogs, logits_of, pixel_weighted, register_method
-
-
-class _KeptFractions:
-    """Stands in for the step logs in `Method.pseudo_targets`: forwards each network's kept
-    fraction (``pseudo_kept_{suffix}_k``) and remembers it, so that the mean over the networks can be
-    logged as ``pseudo_kept_{suffix}`` (both networks see the same images, so that mean is the kept
-    fraction of all pseudo-labelled pixels of the step)."""
-
-    def __init__(self, logs: StepLogs):
-        self.logs = logs
-        self.values: list[torch.Tensor] = []
-
-    def add(self, name: str, value) -> None:
-        self.logs.add(name, value)
-        self.values.append(torch.as_tensor(value).detach().float().reshape(()))
-
-    def log_mean(self, name: str) -> None:
-        if self.values:  # nothing was logged when the threshold is 0
-            self.logs.add(name, torch.stack(self.values).mean())
+from .base import KeptFractions, Method, MethodOutput, StepLogs, logits_of, pixel_weighted, register_method
 
 
 def _cross_targets(method: Method, logits, predictions, logs: StepLogs, suffix: str) -> list[torch.Tensor]:
     """Each network's pseudo labels for the other: its argmax `predictions` themselves when
     `pseudo_label_threshold` is 0 (so the paper's CPS is untouched), otherwise with its
     low-confidence pixels set to ignore_index and the kept fractions logged."""
-    kept = _KeptFractions(logs)
+    kept = KeptFractions(logs)
     targets = [
         method.pseudo_targets(lg, pred, kept, f"pseudo_kept_{suffix}_{k}")
         for k, (lg, pred) in enumerate(zip(logits, predictions), start=1)
@@ -180,7 +161,7 @@ class CPSCutMixMethod(Method):
         if weight > 0:
             mask = self.cutmix_mask(u0, generator)
             with torch.no_grad():
-                targets, kept = [], _KeptFractions(logs)
+                targets, kept = [], KeptFractions(logs)
                 for k, model in enumerate(models, start=1):
                     mixed_logits = mix(logits_of(model, u0), logits_of(model, u1), mask)
                     targets.append(self.pseudo_targets(mixed_logits, pseudo_labels(mixed_logits), kept,

@@ -23,25 +23,7 @@ import torch
 
 from ..cutmix import mix
 from ..losses import cross_entropy, pseudo_labels
-from .base import Method, MethodOutput, StepLogs, logits_of, pixel_weighted, register_method
-
-
-class _KeptFractions:
-    """Passed to `Method.pseudo_targets` as its `logs`: forwards each network's kept fraction to the
-    step logs and keeps the tensors, so their mean over networks can be logged as well."""
-
-    def __init__(self, logs: StepLogs):
-        self.logs = logs
-        self.values: list[torch.Tensor] = []
-
-    def add(self, name, value) -> None:
-        self.logs.add(name, value)
-        self.values.append(value.detach().float().reshape(()) if isinstance(value, torch.Tensor)
-                           else torch.tensor(float(value)))
-
-    def log_mean(self, name: str) -> None:
-        if self.values:
-            self.logs.add(name, torch.stack([v.to(self.values[0].device) for v in self.values]).mean())
+from .base import KeptFractions, Method, MethodOutput, StepLogs, logits_of, pixel_weighted, register_method
 
 
 class _PairRatios(StepLogs):
@@ -71,7 +53,7 @@ class _NCPSBase(Method):
         """Each network's pseudo labels for its peers (argmax, or thresholded by
         `pseudo_label_threshold`; then ``pseudo_kept_{suffix}_k`` per network and their mean
         ``pseudo_kept_{suffix}`` are logged)."""
-        kept = _KeptFractions(logs)
+        kept = KeptFractions(logs)
         targets = [
             self.pseudo_targets(lg, pred, kept, f"pseudo_kept_{suffix}_{k}")
             for k, (lg, pred) in enumerate(zip(logits, predictions), start=1)
@@ -204,7 +186,7 @@ class NCPSCutMixMethod(_NCPSBase):
         loss_cps = None
         if weight > 0:
             mask = self.cutmix_mask(u0, generator)
-            kept = _KeptFractions(logs)
+            kept = KeptFractions(logs)
             with torch.no_grad():
                 targets = []
                 for k, model in enumerate(models, start=1):  # one network's mixed logits alive at a time
