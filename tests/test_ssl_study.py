@@ -213,3 +213,20 @@ def test_tiny_study_end_to_end_then_nothing_to_retrain(tmp_path, capsys):
     assert study.main(argv) == 0  # a second invocation reuses every finished run
     assert "2 of 2 runs already finished; 0 to train" in capsys.readouterr().out
     assert {p: os.stat(p).st_mtime_ns for p in finished} == mtimes
+
+
+def test_kept_fractions_of_a_thresholded_run_are_read_from_its_log(tmp_path):
+    """The report's per-class kept table: the second half of training, each key over the steps that logged it."""
+    aggregate = _part("aggregate")
+    log = tmp_path / "log.jsonl"
+    records = [{"step": 1, "pseudo_kept_u": 0.1, "pseudo_kept_u/red": 0.0},
+               {"step": 2, "pseudo_kept_u": 0.1},
+               {"step": 3, "pseudo_kept_u": 0.5, "pseudo_kept_u/red": 0.2, "pseudo_kept_u/blue": 0.9},
+               {"step": 4, "pseudo_kept_u": 0.7, "pseudo_kept_u/red": 0.4},
+               {"step": 4, "eval_mean_iou": 0.5}]
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    kept = aggregate.kept_fractions(log)
+    assert kept == pytest.approx({"all": 0.6, "red": 0.3, "blue": 0.9})
+    log.write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+    assert aggregate.kept_fractions(log) is None  # no threshold: nothing to report
+    assert aggregate._mean_kept([{"all": 0.5, "red": 0.2}, None, {"all": 0.7}]) == pytest.approx({"all": 0.6, "red": 0.2})

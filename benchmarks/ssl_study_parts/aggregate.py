@@ -29,6 +29,30 @@ def seconds_per_step(log_path: Path, method: str, batch: int) -> float | None:
     return statistics.median(rates) if rates else None
 
 
+def kept_fractions(log_path: Path) -> dict[str, float] | None:
+    """A thresholded run's kept pseudo labels over the second half of training: the overall fraction
+    (``pseudo_kept_u``) and each class's (``pseudo_kept_u/<class>``: of the pixels predicted as the class,
+    the share kept), averaged over the logged steps; None for a run that logged none."""
+    if not log_path.is_file():
+        return None
+    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    steps = [r["step"] for r in records if isinstance(r.get("step"), (int, float))]
+    if not steps:
+        return None
+    half = max(steps) / 2
+    values: dict[str, list[float]] = {}
+    for record in records:
+        if record.get("step", 0) <= half:
+            continue
+        for key, value in record.items():
+            if (key == "pseudo_kept_u" or key.startswith("pseudo_kept_u/")) and isinstance(value, (int, float)) \
+                    and value == value:
+                values.setdefault(key, []).append(value)
+    if "pseudo_kept_u" not in values:
+        return None
+    return {key.removeprefix("pseudo_kept_u").lstrip("/") or "all": statistics.fmean(v) for key, v in values.items()}
+
+
 def collect(runs: list[Run], batch: int) -> list[dict]:
     """One entry per finished run: scores, per-class IoU, cost."""
     rows = []
@@ -45,6 +69,7 @@ def collect(runs: list[Run], batch: int) -> list[dict]:
             "per_class_iou": results["eval_per_category_iou"], "num_labeled": results.get("num_labeled"),
             "steps": results.get("final_step"),
             "seconds_per_step": seconds_per_step(run.folder / "log.jsonl", VARIANTS[run.variant][0], batch),
+            "pseudo_kept": kept_fractions(run.folder / "log.jsonl"),
             "max_rss_mib": max((a["max_rss_mib"] for a in attempts), default=None),
             "wall_seconds": sum(a["wall_seconds"] for a in attempts) if attempts else None,
             "command": attempts[-1]["command"] if attempts else None,
@@ -84,6 +109,7 @@ def aggregate(rows: list[dict], class_names: list[str]) -> dict:
             "per_seed_per_class": {seed: dict(zip(class_names, row["per_class_iou"]))
                                    for seed, row in sorted(seeds.items())},
             "num_labeled": next(iter(seeds.values()))["num_labeled"],
+            "pseudo_kept": _mean_kept([row.get("pseudo_kept") for row in seeds.values()]),
         }
     cost = {}
     for variant in VARIANTS:
@@ -100,6 +126,15 @@ def aggregate(rows: list[dict], class_names: list[str]) -> dict:
             entry[ratio] = entry[key] / base[key] if entry.get(key) and base.get(key) else None
     return {"table": table, "cost": cost}
 
+
+
+def _mean_kept(per_seed: list[dict | None]) -> dict[str, float] | None:
+    """Mean over the seeds that logged them of each kept fraction (a class may be unpredicted on a seed)."""
+    logged = [kept for kept in per_seed if kept]
+    if not logged:
+        return None
+    keys = sorted(set().union(*logged))
+    return {key: statistics.fmean(kept[key] for kept in logged if key in kept) for key in keys}
 
 
 def ordered_fractions(table: dict) -> list[str]:

@@ -256,6 +256,19 @@ def results_markdown(summary: dict, setting: dict, class_names: list[str], comma
                 deltas = cell["per_class_delta"]
                 values = [pct(deltas[n], True) if deltas else "-" for n in class_names]
             out.append(f"| {VARIANTS[variant][2]} |" + "".join(f" {v} |" for v in values))
+    kept_rows = [(f, variant, table[f][variant]["pseudo_kept"]) for f in fractions for variant in VARIANTS
+                 if table[f].get(variant) and table[f][variant].get("pseudo_kept")]
+    if kept_rows:
+        out += ["", "## Pseudo labels kept by the threshold, per class (%)", "",
+                "Over the second half of training, mean over seeds: of the unlabeled pixels the networks' argmax "
+                "gives a class, the share whose confidence passes the threshold (`pseudo_kept_u/<class>` in each "
+                "run's log.jsonl); all: every pixel. A class kept far less often than the others is the one the "
+                "threshold starves.", "",
+                "| method | labels | all |" + "".join(f" {n} |" for n in class_names),
+                "|---|---|---|" + "---|" * len(class_names)]
+        for f, variant, kept in kept_rows:
+            out.append(f"| {VARIANTS[variant][2]} | {f} | {pct(kept.get('all'))} |"
+                       + "".join(f" {pct(kept.get(n))} |" for n in class_names))
     base_memory = (cost.get("supervised") or {}).get("max_rss_mib")
     out += ["", "## Cost", "",
             "Median over runs; seconds per step from the trainer's log (evaluation excluded), peak resident "
