@@ -30,6 +30,7 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
@@ -414,6 +415,20 @@ def load_segmentation_model(name_or_path: str, device: torch.device | str = "cpu
     except (OSError, ValueError, AttributeError, TypeError):  # no processor saved: the ImageNet statistics
         mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     return model, mean, std
+
+
+def predict_class_ids(model, images: Sequence[np.ndarray], mean, std, protocol: dict, device) -> np.ndarray:
+    """Class ids (B, H, W) of same-size RGB uint8 images (H, W, 3): normalised with the model's image
+    statistics, then the argmax of `predict_logits` under `protocol` (scripts/predict.py, scripts/app.py)."""
+    from .data.transforms import normalisation_table, normalise_into
+
+    table = normalisation_table(mean, std)
+    pixel_values = np.empty((len(images), 3) + images[0].shape[:2], dtype=np.float32)
+    for index, image in enumerate(images):
+        normalise_into(pixel_values[index], image, table)
+    logits = predict_logits(model, torch.from_numpy(pixel_values).to(device), num_labels=model.config.num_labels,
+                            **protocol)
+    return logits.argmax(1).cpu().numpy()
 
 
 def checkpoint_network_states(checkpoint_dir: str | os.PathLike,

@@ -42,7 +42,7 @@ import numpy as np
 from cps_hf.cli import ArgumentParser, run_cli
 from cps_hf.errors import UserInputError
 from cps_hf.inference import (add_protocol_arguments, check_model_source, describe_protocol_choice,
-                              load_segmentation_model, model_eval_protocol, protocol_for_model)
+                              load_segmentation_model, model_eval_protocol, predict_class_ids, protocol_for_model)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -160,22 +160,6 @@ def same_size_batches(files: list[Path], batch_size: int, skip_unreadable: bool)
         yield "batch", batch
 
 
-def predict_masks(model, images: list[np.ndarray], mean, std, protocol: dict, device) -> np.ndarray:
-    """Class ids (B, H, W) of same-size RGB images: argmax of `predict_logits` under the protocol."""
-    import torch
-
-    from cps_hf.data.transforms import normalisation_table, normalise_into
-    from cps_hf.inference import predict_logits
-
-    table = normalisation_table(mean, std)
-    pixel_values = np.empty((len(images), 3) + images[0].shape[:2], dtype=np.float32)
-    for index, image in enumerate(images):
-        normalise_into(pixel_values[index], image, table)
-    logits = predict_logits(model, torch.from_numpy(pixel_values).to(device), num_labels=model.config.num_labels,
-                            **protocol)
-    return logits.argmax(1).cpu().numpy()
-
-
 def save_mask(mask: np.ndarray, path: Path, palette, num_labels: int) -> None:
     """Class ids as pixel values: a palette PNG (values = ids, shown in colour), 16-bit grey past 256 classes."""
     from PIL import Image
@@ -216,7 +200,7 @@ def predict_shard(files: list[Path], model, mean, std, device, args, output_dir:
                 records.append({"input": str(item[1]), "skipped": item[2]})
                 continue
             batch = item[1]
-            masks = predict_masks(model, [image for _, image in batch], mean, std, protocol, device)
+            masks = predict_class_ids(model, [image for _, image in batch], mean, std, protocol, device)
             records += [write_outputs(p, image, m, output_dir, args, id2label) for (p, image), m in zip(batch, masks)]
     except DatasetError as err:
         return records, f"{err} (pass --skip_unreadable to skip such images)"

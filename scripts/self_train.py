@@ -206,7 +206,7 @@ def pseudo_label_shard(pairs: list[tuple[str, str]], model, mean, std, device, p
                 records.append({"id": id_of[str(item[1])], "input": str(item[1]), "skipped": item[2]})
                 continue
             batch = item[1]
-            masks = predict.predict_masks(model, [image for _, image in batch], mean, std, protocol, device)
+            masks = predict.predict_class_ids(model, [image for _, image in batch], mean, std, protocol, device)
             for (path, _), mask in zip(batch, masks):
                 sample_id = id_of[str(path)]
                 target = folder / "labels" / f"{sample_id}.png"

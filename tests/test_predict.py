@@ -122,8 +122,8 @@ def test_same_size_images_share_a_batch(model_dir, tmp_path, monkeypatch):
     for seed, stem in enumerate(["a", "b", "c"]):  # a, b: 40x32; c: 33x45
         write_image(folder / f"{stem}.png", (40, 32) if stem != "c" else (33, 45), seed)
     predict = load_predict()
-    shapes, real = [], predict.predict_masks
-    monkeypatch.setattr(predict, "predict_masks",
+    shapes, real = [], predict.predict_class_ids
+    monkeypatch.setattr(predict, "predict_class_ids",
                         lambda model, batch, *a: shapes.append(len(batch)) or real(model, batch, *a))
     predict.main(["--model", model_dir, "--inputs", str(folder / "a.png"), str(folder / "*.png"), "--output_dir",
                   str(tmp_path / "out"), "--batch_size", "4"])
