@@ -33,9 +33,10 @@ from typing import Iterator
 from .errors import ConfigError
 
 LOCK_FILE = "run.lock"
-# What a training run writes (besides step_N/): a folder holding any of them holds a run.
-RUN_FILES = ("log.jsonl", "training_config.yaml", "all_results.json", "model", "model_best", "model_ensemble",
-             "cps_hf", "skipped_samples.jsonl", "FAILED.json")
+# What a run writes once it trains (besides step_N/): a folder holding any of them holds a run. A run that
+# stopped before training (a data problem) leaves only data_check.json, skipped_samples.jsonl or FAILED.json:
+# running again there is the fix, not a clash.
+RUN_FILES = ("log.jsonl", "training_config.yaml", "all_results.json", "model", "model_best", "model_ensemble", "cps_hf")
 # Saved settings a resumed run must share with the run it continues (the data, the labeled subset, the
 # networks' roles); the budget, logging and evaluation may change.
 IDENTITY_FIELDS = ("dataset", "data_root", "labeled", "train_split", "val_split", "unlabeled_extra",
@@ -54,16 +55,6 @@ def previous_run_files(output_dir: str | Path) -> list[str]:
     found = [name for name in RUN_FILES if (folder / name).exists()]
     found += [path.name for path in folder.glob("step_*") if path.is_dir() and path.name[5:].isdigit()]
     return sorted(found)
-
-
-def _failed_before_training(folder: Path, found: list[str]) -> bool:
-    """Only a FAILED.json (and the data check's cache) from a run that stopped before it trained."""
-    if found != ["FAILED.json"]:
-        return False
-    try:
-        return json.loads((folder / "FAILED.json").read_text()).get("last_complete_checkpoint") is None
-    except (OSError, ValueError):
-        return False
 
 
 def check_writable(output_dir: str | Path) -> Path:
@@ -143,7 +134,7 @@ def check_output_dir(args) -> Path:
                     f"--resume_from_checkpoint latest: {folder} has no completely saved step_N checkpoint "
                     f"({', '.join(found) or 'the folder is empty'}); run without it to start (add "
                     "--overwrite_output_dir to replace what is there), or give the folder of the run to resume")
-    elif found and not args.overwrite_output_dir and not _failed_before_training(folder, found):
+    elif found and not args.overwrite_output_dir:
         raise RunFolderRefused(
             f"--output_dir {folder} holds another run ({', '.join(found[:6])}{', ...' if len(found) > 6 else ''}); "
             "add --resume_from_checkpoint latest to continue it, --overwrite_output_dir to replace it, or give "

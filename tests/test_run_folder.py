@@ -183,3 +183,14 @@ def test_the_readme_training_command_keeps_a_user_error_to_one_line(tmp_path):
     lines = [line for line in completed.stderr.strip().splitlines() if line.strip()]
     note_end = next((i for i, line in enumerate(lines) if line.startswith("To avoid this warning")), -1)
     assert lines[note_end + 1:] == ["error: --crop_size must be >= 1, got 0"], completed.stderr[-2000:]
+
+
+def test_a_run_that_stopped_before_training_can_simply_be_run_again(demo_root, tmp_path):
+    """A data problem stops a run before it trains: fixing the data and running the same command again works."""
+    out = tmp_path / "run"
+    with pytest.raises(Exception, match="no_such_tree"):
+        train_cps.main(tiny_args(tmp_path / "no_such_tree", out, "--max_train_steps", "1"))
+    assert sorted(p.name for p in out.iterdir()) == [FAILED_MARKER]
+    assert restart_flags(out) == []
+    train_cps.main(tiny_args(demo_root, out, "--max_train_steps", "1"))
+    assert not (out / FAILED_MARKER).exists() and (out / "model").is_dir()
