@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Every training method on generated scenes where labels are scarce: table, plots, cost. Resumable.
 
-    python benchmarks/ssl_study.py --jobs 2          # the study: 69 runs, ~2 h on 2 idle cores
+    python benchmarks/ssl_study.py --jobs 2          # the study: 81 runs, ~1 h 30 min on 2 cores
     python benchmarks/ssl_study.py --quick           # pipeline check: every method, 40 steps, < 10 min
     python benchmarks/ssl_study.py --report-only     # tables and figures again from the finished runs
 
@@ -30,10 +30,13 @@ first ten methods' step costs at 1.0 (supervised), 2.1 (mean teacher), 3.0 (+ Cu
 (+ CutMix), 3.5 (CPC), 4.3 (CPS), 4.2 (CPS + CutMix), 5.5 (n-CPS), 4.7 (threshold) supervised
 steps: 32 per fraction and seed. 6 x 32.3 x 500 steps x 0.091 s + 3 ceiling runs + ~20 s of
 start-up and evaluation for each of those 63 runs = ~2.8 h of one core: about 1 h 25 min with
---jobs 2 on 2 idle cores. Measured: 49 of those 63 runs (the 14 others were done before) took 69 min
-with --jobs 2. n-CPS averaged over peers, added later, costs as much as n-CPS (6 more runs, ~15 min),
-so the whole study takes about 1 h 55 min with --jobs 2. `--quick` took 4.5 min with --jobs 1 next to
-other jobs, results identical between runs; `--quick --jobs 2` from a fresh clone took 3 min.
+--jobs 2 on 2 idle cores. Measured: 69 runs (11 variants x 2 fractions x 3 seeds + the ceiling) took
+69 min (4,143 s) with --jobs 2 while the machine also ran tests; the two variants added after them (the
+threshold with a kept-pixel mean, mean teacher + CutMix with BN trained) and a rerun of the threshold
+row took 18 runs more. `--quick` took 4.5 min with --jobs 1 next to other jobs, results identical
+between runs; `--quick --jobs 2` from a fresh clone took 3 min. Runs repeat bit for bit on one machine,
+but not across machines: the same supervised run moved by up to 5 points between two sessions' CPUs, so
+compare rows of one study, never across studies.
 Why such a small network: a random-init ResNet-18 step costs ~5x more, which leaves ~100 steps
 per run in the same time, and nothing learns these scenes in 100 steps from scratch. In 500 steps
 the study network reaches 86.9 % mIoU with all 800 labels, 71.1 % with 1/16 (seed 0).

@@ -11,6 +11,9 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
     "supervised": ("supervised", [], "supervised"),
     "mean_teacher": ("mean_teacher", [], "mean teacher"),
     "mean_teacher_cutmix": ("mean_teacher_cutmix", [], "mean teacher + CutMix"),
+    # CutMix-Seg freezes the encoder's BN statistics, which from random init stay at their initial 0 / 1
+    "mean_teacher_cutmix_bn": ("mean_teacher_cutmix", ["--freeze_bn", "false"],
+                               "mean teacher + CutMix, encoder BN trained"),
     "sps": ("sps", [], "SPS (self pseudo labels)"),
     "sps_cutmix": ("sps_cutmix", [], "SPS + CutMix"),
     "cpc": ("cpc", [], "CPC (cross probability consistency)"),
@@ -25,8 +28,12 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
     # the same runs with the loss a mean over the kept pixels only (this package's form before)
     "cps_cutmix_t0.95_kept": ("cps_cutmix", ["--pseudo_label_threshold", "0.95", "--pseudo_label_normalize", "kept"],
                               "CPS + CutMix, threshold 0.95, mean over kept pixels"),
+    # UniMatch's normalisation with lambda 1.5: the kept-pixel mean's average weight (it keeps ~2/3 of the pixels)
+    "cps_cutmix_t0.95_l1.5": ("cps_cutmix", ["--pseudo_label_threshold", "0.95", "--cps_weight", "1.5"],
+                              "CPS + CutMix, threshold 0.95, lambda 1.5"),
 }
-CPS_FAMILY = ("cps", "cps_cutmix", "ncps", "ncps_sum", "cps_cutmix_t0.95", "cps_cutmix_t0.95_kept")
+CPS_FAMILY = ("cps", "cps_cutmix", "ncps", "ncps_sum", "cps_cutmix_t0.95", "cps_cutmix_t0.95_kept",
+              "cps_cutmix_t0.95_l1.5")
 FIGURE_VARIANTS = ("supervised", "mean_teacher_cutmix", "cps", "cps_cutmix")  # predictions.png columns
 REFERENCE = "all"  # the fraction tag of the supervised all-labels ceiling
 
