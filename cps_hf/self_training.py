@@ -25,7 +25,6 @@ from pathlib import Path
 import datasets
 
 from .errors import UserInputError
-from .training import complete_step_folders
 
 STAGE1, PSEUDO_LABELS, STAGE3_DATA, STAGE3 = "stage1", "pseudo_labels", "stage3_data", "stage3"
 RESULTS_FILE = "self_training_results.json"

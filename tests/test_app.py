@@ -4,11 +4,8 @@ and its push, and the page itself driven by headless Chromium as a person would 
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -157,81 +154,42 @@ def test_argument_mistakes_are_one_line(model_dir, tmp_path, argv, message):
 
 # ---------------------------------------------------------------------- in the browser
 
-CHROMIUM, DRIVER = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
+
+def _screenshot_helpers():
+    """benchmarks/app_screenshot.py: serving the page and driving Chromium (shared with the README's screenshot)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("app_screenshot", ROOT / "benchmarks" / "app_screenshot.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+HELPERS = _screenshot_helpers()
 
 
 @pytest.fixture(scope="module")
 def served_page(model_dir, tmp_path_factory):
     """scripts/app.py on a free local port, as a user starts it."""
-    port = _free_port()
-    log = tmp_path_factory.mktemp("app_log") / "app.log"
-    with open(log, "w") as output:
-        server = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "app.py"), "--model", model_dir, "--port",
-                                   str(port)], stdout=output, stderr=subprocess.STDOUT, cwd=ROOT,
-                                  env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-                                       "GRADIO_ANALYTICS_ENABLED": "False"})
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 180
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as answer:
-                if answer.status == 200:
-                    break
-        except OSError:
-            pass
-        if server.poll() is not None or time.time() > deadline:
-            server.kill()
-            pytest.fail(f"the app did not answer {url}: {log.read_text()[-3000:]}")
-        time.sleep(0.5)
-    yield url
-    server.terminate()
-    server.wait(timeout=30)
+    with HELPERS.served(model_dir, log=tmp_path_factory.mktemp("app_log") / "app.log") as url:
+        yield url
 
 
 @pytest.fixture
 def browser():
-    if not (CHROMIUM and DRIVER):
+    chromium, driver = HELPERS.browser_paths()
+    if not (chromium and driver):
         pytest.skip("no Chromium and chromedriver on this machine (apt-get install chromium chromium-driver)")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="pip install selenium")
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1400,1000"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
-    yield driver
-    driver.quit()
-
-
-def _upload(driver, url, path):
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    driver.get(url)
-    wait = WebDriverWait(driver, 120)
-    field = wait.until(expected_conditions.presence_of_element_located((By.CSS_SELECTOR, "#cps-upload input[type=file]")))
-    field.send_keys(str(path))
-    return wait
+    pytest.importorskip("selenium", reason="pip install selenium")
+    with HELPERS.chromium() as driver:
+        yield driver
 
 
 def test_the_page_segments_an_uploaded_image_in_the_browser(served_page, browser, segmenter, tmp_path):
     from selenium.webdriver.common.by import By
 
     photo = write_image(tmp_path / "photo.png", (160, 120), 5)
-    wait = _upload(browser, served_page, photo)
-    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#cps-legend .cps-legend-entry"))
-    wait.until(lambda d: d.execute_script(
-        "const i = document.querySelector('#cps-mask img'); return i && i.complete && i.naturalWidth > 0;"))
+    HELPERS.wait_for_result(browser, HELPERS.upload(browser, served_page, photo))
     size = browser.execute_script("const i = document.querySelector('#cps-mask img'); return [i.naturalWidth, i.naturalHeight];")
     assert size == [160, 120]  # the mask at the image's own size
     entries = browser.find_elements(By.CSS_SELECTOR, "#cps-legend .cps-legend-entry")
@@ -251,22 +209,7 @@ def test_a_bad_upload_gets_a_message_on_the_page(served_page, browser, tmp_path)
 
     fake = tmp_path / "holiday.png"
     fake.write_text("this is not a picture")
-    wait = _upload(browser, served_page, fake)
+    wait = HELPERS.upload(browser, served_page, fake)
     wait.until(lambda d: "Cannot segment" in d.find_element(By.ID, "cps-status").text)
     text = browser.find_element(By.TAG_NAME, "body").text
     assert "holiday.png is not an image this page can read" in text and "Traceback" not in text
-
-
-def test_a_datasets_classes_json_gives_the_page_its_colours_and_the_title_names_the_run(model_dir, tmp_path):
-    from cps_hf.app import model_name
-    from cps_hf.data import make_demo_voc
-
-    voc = make_demo_voc(tmp_path / "demo", num_train=2, num_val=1, size=24)
-    coloured = Segmenter.load(model_dir, palette=str(voc / "classes.json"))
-    assert coloured.colour(3) == (40, 70, 210)  # the demo's blue, where VOC's colour 3 is olive
-    (tmp_path / "bad.json").write_text('{"classes": ["a"]}')
-    with pytest.raises(UserInputError, match="has no flat"):
-        Segmenter.load(model_dir, palette=str(tmp_path / "bad.json"))
-    run = tmp_path / "my_run" / "model"
-    run.mkdir(parents=True)
-    assert model_name(str(run)) == "my_run" and model_name("me/cps-voc") == "me/cps-voc"

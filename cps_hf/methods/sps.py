@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 
 from ..cutmix import mix
-from ..losses import cross_entropy
 from .base import Method, MethodOutput, StepLogs, has_stochastic_layers, logits_of, pixel_weighted, register_method
 
 
