@@ -29,6 +29,10 @@ import numpy as np
 
 from .errors import UserInputError
 
+# Small images (the demo's are under 100 px) drawn at the panel's size, pixels kept sharp; the files keep the
+# image's own size. Gradio takes page CSS in launch().
+PAGE_CSS = ("#cps-mask img, #cps-overlay img {width: 100%; height: 100%; object-fit: contain; "
+            "image-rendering: pixelated;}")
 MULTI_SCALES = (0.75, 1.0, 1.25)  # the toggle's scales, as scripts/evaluate_cps.py's README example
 EXAMPLE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 SPACE_LINK = re.compile(r"^Try it in the browser: .*$\n?", flags=re.M)
@@ -200,9 +204,10 @@ def build_page(segmenter: Segmenter, examples: Sequence[str] = (), title: str | 
                     gr.Examples(examples=[[path] for path in examples], inputs=[upload], label="Examples")
             with gr.Column(scale=2):
                 with gr.Row():
-                    mask = gr.Image(label="Mask", type="numpy", format="png", elem_id="cps-mask", interactive=False)
+                    mask = gr.Image(label="Mask", type="numpy", format="png", elem_id="cps-mask", interactive=False,
+                                    height=360)  # small images are drawn large enough to see
                     blended = gr.Image(label="Overlay", type="numpy", format="png", elem_id="cps-overlay",
-                                       interactive=False)
+                                       interactive=False, height=360)
                 legend = gr.HTML(elem_id="cps-legend")
                 status = gr.Markdown(elem_id="cps-status")
         inputs, outputs = [upload, flip, multi], [mask, blended, legend, status]
@@ -217,14 +222,14 @@ SPACE_APP = '''"""A Hub Space for a cps_hf model: the page of scripts/app.py (cp
 import json
 from pathlib import Path
 
-from cps_hf.app import Segmenter, build_page, model_examples
+from cps_hf.app import PAGE_CSS, Segmenter, build_page, model_examples
 
 SETTINGS = json.loads((Path(__file__).parent / "space_settings.json").read_text())
 segmenter = Segmenter.load(SETTINGS["model"], palette=SETTINGS["palette"], max_megapixels=SETTINGS["max_megapixels"])
 demo = build_page(segmenter, model_examples(SETTINGS["model"], SETTINGS["examples"]), title=SETTINGS["title"])
 
 if __name__ == "__main__":
-    demo.launch()
+    demo.launch(css=PAGE_CSS)
 '''
 
 

@@ -69,7 +69,7 @@ def _gradio():
 def main(argv=None):
     args = parse_args(argv)
     _gradio()
-    from cps_hf.app import Segmenter, build_page, export_space, model_examples, push_space
+    from cps_hf.app import PAGE_CSS, Segmenter, build_page, export_space, model_examples, push_space
     from cps_hf.inference import check_model_source
 
     check_model_source(args.model)
@@ -84,7 +84,7 @@ def main(argv=None):
     segmenter = Segmenter.load(args.model, device=args.device, palette=args.palette,
                                max_megapixels=args.max_megapixels)
     page = build_page(segmenter, model_examples(args.model, args.examples), title=args.title)
-    page.queue().launch(server_name=args.host, server_port=args.port or None, show_error=False)
+    page.queue().launch(server_name=args.host, server_port=args.port or None, show_error=False, css=PAGE_CSS)
     return 0
 
 
