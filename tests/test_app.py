@@ -213,3 +213,30 @@ def test_a_bad_upload_gets_a_message_on_the_page(served_page, browser, tmp_path)
     wait.until(lambda d: "Cannot segment" in d.find_element(By.ID, "cps-status").text)
     text = browser.find_element(By.TAG_NAME, "body").text
     assert "holiday.png is not an image this page can read" in text and "Traceback" not in text
+
+
+def test_an_ensemble_export_is_served_like_one_network(tmp_path):
+    """--export_ensemble's model_ensemble/ (the mean softmax of every network of a run) loads and predicts."""
+    import torch
+
+    from cps_hf.hub import export_ensemble
+    from cps_hf.inference import predict_logits
+
+    from tiny_models import tiny_config, with_running_statistics
+    from cps_hf import CPSForSemanticSegmentation
+
+    networks = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        networks.append(with_running_statistics(CPSForSemanticSegmentation(tiny_config(CLASSES))).eval())
+    folder = export_ensemble(networks, tmp_path / "model_ensemble", dataset_name="toy", dataset_type="folder",
+                             protocol="1/8", method="CPS")
+    ensemble = Segmenter.load(str(folder))
+    assert type(ensemble.model).__name__ == "CPSEnsembleForSemanticSegmentation"
+    image = ensemble.read(write_image(tmp_path / "photo.png", (48, 40), 7))
+    prediction = ensemble.predict(image)
+    assert prediction.mask.shape == (40, 48) and [name for _, name, _, _ in prediction.shares][0] in CLASSES
+    pixels = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+    mean, std = torch.tensor(ensemble.mean)[:, None, None], torch.tensor(ensemble.std)[:, None, None]
+    expected = predict_logits(ensemble.model, (pixels - mean) / std, num_labels=len(CLASSES), **ensemble.protocol)
+    assert (expected.argmax(1)[0].numpy() == prediction.mask).mean() > 0.99
