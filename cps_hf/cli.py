@@ -33,15 +33,26 @@ def run_cli(main: Callable[[list[str]], object], argv: Sequence[str] | None = No
     except UserInputError as error:
         if debug:
             raise
+        _close_progress_bars()
         label = "interrupted" if isinstance(error, RunInterrupted) else "error"
         print(f"{label}{where}: {error}", file=sys.stderr, flush=True)
         return getattr(error, "exit_status", 2)
     except KeyboardInterrupt:
         if debug:
             raise
+        _close_progress_bars()
         print(f"interrupted{where}", file=sys.stderr, flush=True)
         return 130
     return result if isinstance(result, int) and not isinstance(result, bool) else 0
+
+
+def _close_progress_bars() -> None:
+    """End any live tqdm bar's line, so the message starts a line of its own (a bar leaves the cursor after it)."""
+    tqdm_module = sys.modules.get("tqdm.std")
+    if tqdm_module is None:
+        return
+    for bar in list(getattr(tqdm_module.tqdm, "_instances", ())):
+        bar.close()
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

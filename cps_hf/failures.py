@@ -24,6 +24,51 @@ from .errors import UserInputError
 FAILED_MARKER = "FAILED.json"
 
 
+class InterruptAtStepEnd:
+    """Ctrl-C during training stops the run between two steps, not inside one.
+
+    A KeyboardInterrupt raised at an arbitrary point (in a library holding a lock, halfway through a
+    checkpoint write) can leave a process that never exits. While `armed`, the first SIGINT only sets
+    `requested`; the loop calls `check()` once a step (and its checkpoint) is complete, which raises the
+    KeyboardInterrupt there. A second Ctrl-C interrupts at once. Unarmed (before and after the loop, and in
+    multi-process runs, whose ranks must stop at the same step), Ctrl-C interrupts at once as usual.
+    Installed by `deferred_interrupt`; the previous handler comes back when it ends.
+    """
+
+    def __init__(self):
+        self.armed = False
+        self.requested = False
+
+    def handle(self, signum, frame) -> None:
+        if not self.armed or self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def arm(self, enabled: bool = True) -> None:
+        self.armed = bool(enabled)
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+
+@contextmanager
+def deferred_interrupt():
+    """An `InterruptAtStepEnd` handling SIGINT for the block (in the main thread; elsewhere it only records)."""
+    import signal
+    import threading
+
+    stop = InterruptAtStepEnd()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = signal.signal(signal.SIGINT, stop.handle)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class NonFiniteLossError(UserInputError, RuntimeError):
     """The loss became NaN or infinite: the run diverged (its settings need changing) or a batch is broken."""
 

@@ -251,6 +251,8 @@ def main(argv=None) -> list[dict]:
     shard = share_of_process(files, state)
     records, errors = gather_records(state, *predict_shard(shard, model, mean, std, device, args, output_dir,
                                                            protocol))
+    if state.num_processes > 1:  # every rank has every record: leave the group cleanly (gloo can abort at
+        state.destroy_process_group()  # interpreter exit with the group still up)
     if errors:
         raise UserInputError(errors[0])  # on every process, so each exits with the same status
     records = in_input_order(records, files)

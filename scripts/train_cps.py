@@ -40,7 +40,13 @@ from cps_hf.data import (  # noqa: E402
     load_unlabeled_stream,
     preflight_check,
 )
-from cps_hf.failures import NonFiniteGuard, check_finite_state, failure_marker  # noqa: E402
+from cps_hf.failures import (  # noqa: E402
+    InterruptAtStepEnd,
+    NonFiniteGuard,
+    check_finite_state,
+    deferred_interrupt,
+    failure_marker,
+)
 from cps_hf.hub import build_model_card, export_ensemble, export_model, push_model  # noqa: E402
 from cps_hf.inference import TransformedDataset, evaluate_model  # noqa: E402
 from cps_hf.losses import OhemCrossEntropy, cross_entropy  # noqa: E402
@@ -107,16 +113,17 @@ def _to_device(batch, device):
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    with claim_output_dir(args):  # writable, no other run there (unless resumed / overwritten), locked while alive
-        try:
+    with claim_output_dir(args), deferred_interrupt() as stop:  # writable, no other run there (unless resumed /
+        try:                                                      # overwritten), locked while alive
             with failure_marker(args.output_dir):
-                return train(args)
+                return train(args, stop)
         except KeyboardInterrupt:
             raise RunInterrupted(continue_message(args, sys.argv)) from None
 
 
-def train(args) -> dict:
+def train(args, stop: InterruptAtStepEnd | None = None) -> dict:
     output_dir = Path(args.output_dir)
+    stop = stop or InterruptAtStepEnd()
 
     # ---- accelerator -----------------------------------------------------------------------
     accelerator = Accelerator(
@@ -287,6 +294,7 @@ def train(args) -> dict:
     bar = tqdm(total=max_train_steps, initial=progress.step, disable=not accelerator.is_local_main_process)
     window_start, window_images = time.perf_counter(), 0
     images_per_step = args.per_device_train_batch_size * (1 + method.num_unlabeled_streams) * accelerator.num_processes
+    stop.arm(accelerator.num_processes == 1)  # Ctrl-C: stop after the step (and its checkpoint), not inside it
     while progress.step < max_train_steps:
         micro_logs, update = [], True
         for micro_step in range(args.gradient_accumulation_steps):
@@ -347,6 +355,8 @@ def train(args) -> dict:
                 mark_checkpoint_complete(output_dir / f"step_{progress.step}", progress.step)
                 prune_checkpoints(output_dir, args.checkpoints_total_limit)
         window_start += time.perf_counter() - pause_start
+        stop.check()
+    stop.arm(False)
     bar.close()
 
     # ---- evaluation ------------------------------------------------------------------------

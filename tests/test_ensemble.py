@@ -327,11 +327,13 @@ def test_evaluate_cps_ensemble_flags_refuse_mistakes(run, tmp_path):
     evaluate_cps = load_script("evaluate_cps")
     data = ["--dataset", "voc", "--data_root", str(root / "voc")]
     model = str(root / "model")
-    for argv in (["--model", model, "--models", model], [],
-                 ["--model", model, "--ensemble_checkpoint", str(root / "step_4"), "--model2", model,
-                  "--both_branches"],
-                 ["--models", model, model, "--ensemble_checkpoint", str(root / "step_4")]):
-        with pytest.raises(SystemExit):
+    for argv, message in (
+            (["--model", model, "--models", model], "give --model or --models, not both"),
+            ([], "required: --model"),
+            (["--model", model, "--ensemble_checkpoint", str(root / "step_4"), "--model2", model, "--both_branches"],
+             "ensemble_checkpoint"),
+            (["--models", model, model, "--ensemble_checkpoint", str(root / "step_4")], "ensemble_checkpoint")):
+        with pytest.raises(UserInputError, match=message):  # one line through run_cli, not argparse's usage
             evaluate_cps.parse_args([*argv, *data])
     with pytest.raises(UserInputError, match="--ensemble_checkpoint .*folder does not exist"):
         evaluate_cps.main(["--model", model, "--ensemble_checkpoint", str(tmp_path / "nope"), *data])

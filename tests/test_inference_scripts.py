@@ -14,6 +14,7 @@ from PIL import Image
 from cps_hf import CPSConfig, CPSForSemanticSegmentation, CPSImageProcessor
 from cps_hf.cli import run_cli
 from cps_hf.data import DEMO_CLASSES, make_demo_voc
+from cps_hf.errors import UserInputError
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
@@ -137,7 +138,7 @@ def test_evaluate_cps_both_branches_slide_flip(workspace, tmp_path):
     assert summary["protocol"]["branches"] == 2 and summary["protocol"]["stride"] == 16
     assert summary["num_samples"] == 1
     assert 0.0 <= summary["eval_overall_accuracy"] <= 1.0
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserInputError, match="--both_branches needs --model2"):
         evaluate_cps.parse_args(["--model", sup, "--both_branches", "--dataset", "voc", "--data_root", "x"])
 
 

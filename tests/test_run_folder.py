@@ -194,3 +194,22 @@ def test_a_run_that_stopped_before_training_can_simply_be_run_again(demo_root, t
     assert restart_flags(out) == []
     train_cps.main(tiny_args(demo_root, out, "--max_train_steps", "1"))
     assert not (out / FAILED_MARKER).exists() and (out / "model").is_dir()
+
+
+def test_ctrl_c_during_training_waits_for_the_end_of_the_step_and_a_second_one_does_not():
+    from cps_hf.failures import InterruptAtStepEnd
+
+    stop = InterruptAtStepEnd()
+    with pytest.raises(KeyboardInterrupt):  # before the loop: at once
+        stop.handle(2, None)
+    stop.arm()
+    stop.handle(2, None)  # in the loop: noted, the step goes on
+    assert stop.requested
+    with pytest.raises(KeyboardInterrupt):  # the loop's check after the step
+        stop.check()
+    with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C: at once
+        stop.handle(2, None)
+    multi = InterruptAtStepEnd()
+    multi.arm(False)  # several processes: ranks must not stop at different steps, so no deferral
+    with pytest.raises(KeyboardInterrupt):
+        multi.handle(2, None)
