@@ -395,6 +395,21 @@ class CPSDeepLabV3PlusHead(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
+def _with_perturbed_copy(features, rate: float | None, seed: int | None = None):
+    """The head's inputs as they are, or (rate given) each followed by a channel-dropped copy along the batch:
+    `Dropout2d(rate)`, its channel masks drawn from `seed` when given (a resumed run draws the same ones)."""
+    if not rate:
+        return tuple(features)
+    if seed is None:
+        return tuple(torch.cat([f, F.dropout2d(f, rate, training=True)]) for f in features)
+    perturbed = []
+    for index, f in enumerate(features):
+        generator = torch.Generator(device=f.device).manual_seed(int(seed) + index)
+        keep = torch.rand(f.shape[0], f.shape[1], 1, 1, generator=generator, device=f.device) >= rate
+        perturbed.append(torch.cat([f, f * keep.to(f.dtype) / (1.0 - rate)]))
+    return tuple(perturbed)
+
+
 class CPSPreTrainedModel(PreTrainedModel):
     config: CPSConfig
     config_class = CPSConfig
@@ -490,20 +505,29 @@ class CPSForSemanticSegmentation(CPSPreTrainedModel):
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        feature_perturbation: float | None = None,
+        perturbation_seed: int | None = None,
         **kwargs,
     ) -> SemanticSegmenterOutput | tuple:
         r"""
         labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
             Ground-truth class indices; `config.semantic_loss_ignore_index` marks pixels to ignore.
+        feature_perturbation (`float`, *optional*):
+            UniMatch's feature perturbation: the head also runs on the encoder features with channel dropout
+            (`Dropout2d` of this rate) and the logits hold the B clean images, then the B perturbed ones
+            (2B in all). The head sees both halves in one pass, as UniMatch's model does.
+        perturbation_seed (`int`, *optional*):
+            Seeds the channel masks of `feature_perturbation` (default: torch's global generator).
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if self.neck is None:
             with self._checkpointing_context():
                 low_level, high_level = self.backbone(pixel_values)
-            logits = self.decode_head(low_level, high_level)
+            logits = self.decode_head(*_with_perturbed_copy((low_level, high_level), feature_perturbation,
+                                                            perturbation_seed))
             hidden_states = (low_level, high_level)
         else:
-            logits, hidden_states = self._vit_logits(pixel_values)
+            logits, hidden_states = self._vit_logits(pixel_values, feature_perturbation, perturbation_seed)
         if logits.shape[-2:] != pixel_values.shape[-2:]:  # a padded ViT input comes back at its size already
             logits = F.interpolate(
                 logits, size=pixel_values.shape[-2:], mode="bilinear", align_corners=self.config.align_corners
@@ -519,7 +543,8 @@ class CPSForSemanticSegmentation(CPSPreTrainedModel):
             return ((loss,) + output) if loss is not None else output
         return SemanticSegmenterOutput(loss=loss, logits=logits, hidden_states=hidden_states)
 
-    def _vit_logits(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    def _vit_logits(self, pixel_values: torch.Tensor, feature_perturbation: float | None = None,
+                    perturbation_seed: int | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """Logits of a plain-ViT model at the input size (padding cropped off) and the tapped maps.
 
         The logits are resized to the padded size before cropping, so each logit stays on its pixel.
@@ -530,7 +555,7 @@ class CPSForSemanticSegmentation(CPSPreTrainedModel):
             taps = self.backbone.forward_intermediates(
                 padded, indices=self.vit_taps, norm=True, intermediates_only=True, output_fmt="NCHW"
             )
-        logits = self.decode_head(*self.neck(taps))
+        logits = self.decode_head(*_with_perturbed_copy(self.neck(taps), feature_perturbation, perturbation_seed))
         if padded.shape[-2:] != pixel_values.shape[-2:]:
             logits = F.interpolate(logits, size=padded.shape[-2:], mode="bilinear",
                                    align_corners=self.config.align_corners)[..., :height, :width]

@@ -58,6 +58,19 @@ def encoder_options(args) -> dict:
     return options
 
 
+def strong_view_settings(args):
+    """The weak-to-strong methods' strong views from the --strong_* flags; a bad value is one line naming them."""
+    from .strong_views import StrongViewSettings
+
+    try:
+        return StrongViewSettings(
+            color_jitter=tuple(args.strong_color_jitter), color_jitter_p=args.strong_color_jitter_p,
+            grayscale_p=args.strong_grayscale_p, blur_p=args.strong_blur_p, blur_sigma=tuple(args.strong_blur_sigma),
+            cutmix_p=args.strong_cutmix_p, cutmix_area=tuple(args.strong_cutmix_area))
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"--strong_*: {error}") from None
+
+
 def per_device_batch_size(global_batch_size: int, num_processes: int, accumulation_steps: int) -> int:
     """The paper's batch (8 labeled + 8 unlabeled per step) on however many devices this run has."""
     share = num_processes * accumulation_steps

@@ -104,10 +104,13 @@ class CPSTrainingConfig:
     # ---- method ----------------------------------------------------------------------------
     method: Literal[
         "supervised", "cps", "cps_cutmix", "mean_teacher", "mean_teacher_cutmix", "sps", "sps_cutmix", "cpc",
-        "ncps", "ncps_cutmix",
+        "ncps", "ncps_cutmix", "fixmatch", "unimatch", "cps_strong",
     ] = field(default="cps_cutmix", metadata={"help": "Training method (see cps_hf/methods/)."})
-    cps_weight: float = field(
-        default=1.5, metadata={"help": "lambda of L = L_s + lambda * L_unsup (the CPS, CPC, SPS or mean-teacher term)."}
+    cps_weight: float | None = field(
+        default=None,
+        metadata={"help": "lambda of the method's unsupervised term (L = L_s + lambda * L_u; fixmatch / unimatch: "
+                  "(L_x + lambda * L_u) / 2). Unset: the method's own: 1.5 for CPS, n-CPS, SPS and CPC (the original's "
+                  "VOC value), 1 for the mean teachers (both codes' scripts) and the weak-to-strong methods (UniMatch)."},
     )
     cps_weight_rampup_steps: int = field(default=0, metadata={"help": "Sigmoid ramp-up of lambda over this many steps (0: off, as the paper)."})
     cps_weight_rampup_epochs: float | None = field(
@@ -153,7 +156,37 @@ class CPSTrainingConfig:
                   "unset: the method's default (on for mean_teacher_cutmix, as every CutMix-Seg script; off "
                   "elsewhere)."},
     )
-    ema_decay: float = field(default=0.99, metadata={"help": "Mean teacher: EMA decay of the teacher's weights (its cap with --mt_ema_warmup)."})
+    ema_decay: float | None = field(
+        default=None,
+        metadata={"help": "EMA decay of a teacher's weights (its cap with a warm-up); unset: 0.99 for the mean teachers "
+                  "(both codes), 0.996 for fixmatch --ema_teacher (UniMatch V2)."},
+    )
+    ema_teacher: bool = field(
+        default=False,
+        metadata={"help": "fixmatch: UniMatch V2's FixMatch: an EMA teacher (eval mode) makes the pseudo labels, the "
+                  "CutMix partner is the batch flipped; off: UniMatch V1's fixmatch.py (the student's own weak view)."},
+    )
+    feature_dropout: float | None = field(
+        default=None,
+        metadata={"help": "unimatch: Dropout2d rate of its feature-perturbation stream on the encoder features; "
+                  "unset: 0.5 (UniMatch)."},
+    )
+    strong_color_jitter: list[float] = field(
+        default_factory=lambda: [0.5, 0.5, 0.5, 0.25],
+        metadata={"help": "Weak-to-strong methods: colour jitter of a strong view (brightness contrast saturation "
+                  "hue), as UniMatch."},
+    )
+    strong_color_jitter_p: float = field(default=0.8, metadata={"help": "Weak-to-strong: chance of the colour jitter."})
+    strong_grayscale_p: float = field(default=0.2, metadata={"help": "Weak-to-strong: chance of grayscale."})
+    strong_blur_p: float = field(default=0.5, metadata={"help": "Weak-to-strong: chance of a Gaussian blur."})
+    strong_blur_sigma: list[float] = field(
+        default_factory=lambda: [0.1, 2.0], metadata={"help": "Weak-to-strong: range of the blur's sigma (pixels)."}
+    )
+    strong_cutmix_p: float = field(default=0.5, metadata={"help": "Weak-to-strong: chance of a CutMix box per view."})
+    strong_cutmix_area: list[float] = field(
+        default_factory=lambda: [0.02, 0.4],
+        metadata={"help": "Weak-to-strong: range of the CutMix box's area, as a share of the crop."},
+    )
     mt_ema_warmup: bool | None = field(
         default=None,
         metadata={"help": "Mean teacher: decay min(1 - 1/(t+1), --ema_decay) at update t; unset: on for mean_teacher "
@@ -181,7 +214,9 @@ class CPSTrainingConfig:
         metadata={"help": "Mean teacher: Gaussian noise added to the student's input; unset: 0 (PixelSSL's default: "
                   "no noise; 0.1 was this package's default before)."},
     )
-    num_networks: int = field(default=3, metadata={"help": "ncps / ncps_cutmix: number of networks (n-CPS)."})
+    num_networks: int | None = field(
+        default=None, metadata={"help": "ncps / ncps_cutmix / cps_strong: number of networks; unset: 3 for n-CPS, 2 for cps_strong."}
+    )
     ncps_sum: bool = field(
         default=False,
         metadata={"help": "ncps / ncps_cutmix: sum each network's cross terms over its N-1 peers instead of averaging "
@@ -193,7 +228,12 @@ class CPSTrainingConfig:
         metadata={"help": "Which network model/ holds: network_1 (CPS default, the paper's), network_2, ..., or "
                   "student (mean-teacher default) / teacher."},
     )
-    cutmix_same_image: bool = field(default=False, metadata={"help": "Reproduce the original's bug: CutMix mixes two views of the same image."})
+    cutmix_same_image: bool | None = field(
+        default=None,
+        metadata={"help": "The two unlabeled streams draw the same images, so CutMix mixes two views of one image. "
+                  "Unset: off for CPS and the paper's baselines (on, it reproduces the original CPS code's bug), on "
+                  "for fixmatch and unimatch (UniMatch's second pass over the same loader does it on purpose)."},
+    )
     sup_loss: Literal["ce", "ohem"] = field(default="ce", metadata={"help": "Supervised loss: CE (VOC) or OHEM (Cityscapes)."})
     ohem_threshold: float = field(default=0.7, metadata={"help": "OHEM keeps pixels whose true-class probability is below this."})
     ohem_min_kept: int = field(default=50000, metadata={"help": "OHEM keeps at least this many pixels per group of images."})
@@ -292,7 +332,7 @@ class CPSTrainingConfig:
     )
 
     def __post_init__(self):
-        if self.method != "supervised" and self.cps_weight < 0:
+        if self.cps_weight is not None and self.cps_weight < 0:
             raise ConfigError(f"cps_weight must be >= 0, got {self.cps_weight}")
         if self.push_to_hub and not self.hub_model_id:
             raise ConfigError("--push_to_hub needs --hub_model_id (e.g. your-name/cps-voc-r101-1-8)")
@@ -318,9 +358,12 @@ class CPSTrainingConfig:
             raise ConfigError(f"--cutmix_area_range needs two values 0 < low <= high <= 1, got {list(self.cutmix_area_range)}")
         if self.mt_noise_std is not None and self.mt_noise_std < 0:
             raise ConfigError(f"--mt_noise_std must be >= 0, got {self.mt_noise_std}")
-        if not 0 <= self.ema_decay < 1:
+        if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
             raise ConfigError(f"--ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.num_networks < 2:
+        if self.ema_teacher and self.method != "fixmatch":
+            raise ConfigError(f"--ema_teacher is a fixmatch option (UniMatch V2's FixMatch); --method {self.method} "
+                              "has its own teacher or none")
+        if self.num_networks is not None and self.num_networks < 2:
             raise ConfigError(f"--num_networks must be >= 2, got {self.num_networks}")
         if self.learning_rate <= 0:
             raise ConfigError(f"--learning_rate must be > 0, got {self.learning_rate}")

@@ -13,13 +13,16 @@ One module per family; each registers itself, and `build_method(name, ...)` buil
   supervise the student's on the same unlabeled images, or on CutMixed ones (CutMix-Seg).
 - ``cpc`` (cpc.py): two networks, squared L2 between their softmax probabilities (eq. 7, Table 4).
 - ``sps`` and ``sps_cutmix`` (sps.py): one network supervised by its own argmax (eq. 9, Table 6).
+- ``fixmatch``, ``unimatch`` and ``cps_strong`` (weak_to_strong.py): pseudo labels from a weak view
+  supervise strong views of the same geometry (FixMatch and UniMatch V1 as UniMatch's code runs them,
+  FixMatch with UniMatch V2's EMA teacher, and CPS across strong views).
 
 The contract the loop relies on (base.py): ``num_models``, ``num_trained``,
 ``num_unlabeled_streams``, ``__call__ -> MethodOutput``, ``init_networks``, ``set_steps_per_epoch``
 and ``after_optimizer_step``. Where a method has public reference code, its defaults are that code's.
 """
 
-from . import cpc, cps, mean_teacher, ncps, sps, supervised  # noqa: F401  (registers the methods)
+from . import cpc, cps, mean_teacher, ncps, sps, supervised, weak_to_strong  # noqa: F401  (registers the methods)
 from .base import METHODS, Method, MethodOutput, StepLogs, build_method, register_method, sigmoid_rampup
 from .cpc import CPCMethod
 from .cps import CPSCutMixMethod, CPSMethod
@@ -27,6 +30,7 @@ from .mean_teacher import MeanTeacherCutMixMethod, MeanTeacherMethod
 from .ncps import NCPSCutMixMethod, NCPSMethod
 from .sps import SPSCutMixMethod, SPSMethod
 from .supervised import SupervisedMethod
+from .weak_to_strong import CPSStrongMethod, FixMatchMethod, UniMatchMethod
 
 METHOD_NAMES = tuple(METHODS)
 
@@ -34,5 +38,5 @@ __all__ = [
     "METHODS", "METHOD_NAMES", "Method", "MethodOutput", "StepLogs", "build_method", "register_method",
     "sigmoid_rampup", "CPSMethod", "CPSCutMixMethod", "NCPSMethod", "NCPSCutMixMethod",
     "SupervisedMethod", "MeanTeacherMethod", "MeanTeacherCutMixMethod",
-    "CPCMethod", "SPSMethod", "SPSCutMixMethod",
+    "CPCMethod", "SPSMethod", "SPSCutMixMethod", "FixMatchMethod", "UniMatchMethod", "CPSStrongMethod",
 ]

@@ -156,6 +156,8 @@ class Method:
     default_rampup_epochs: float = 0.0  # sigmoid ramp-up of lambda, in epochs, unless the user sets one
     default_cutmix_boxes: tuple[int, tuple[float, float]] = (3, (0.25, 0.5))  # CPS's box mask
     default_freeze_bn: bool = False  # encoder BatchNorms in eval mode (CutMix-Seg's --freeze_bn)
+    default_cps_weight: float = 1.5  # lambda when the trainer's --cps_weight is unset (the original's VOC CPS value)
+    default_same_image: bool = False  # whether the two unlabeled streams draw the same images (--cutmix_same_image)
 
     def __init__(
         self,
@@ -244,7 +246,9 @@ class Method:
         for klass in cls.__mro__:
             if "__init__" in vars(klass):
                 accepted |= set(inspect.signature(klass.__init__).parameters)
-        return cls(sup_criterion, **{k: v for k, v in options.items() if k in accepted and v is not None})
+        given = {k: v for k, v in options.items() if k in accepted and v is not None}
+        given.setdefault("cps_weight", cls.default_cps_weight)  # the trainer's lambda, unset: the method's own
+        return cls(sup_criterion, **given)
 
     @property
     def trained_count(self) -> int:

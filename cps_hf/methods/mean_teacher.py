@@ -99,6 +99,7 @@ class MeanTeacherMethod(Method):
     network_names = ("student", "teacher")
     default_export = "student"
     default_rampup_epochs = 3.0  # PixelSSL's sseg MT scripts: cons_rampup_epochs 3
+    default_cps_weight = 1.0  # PixelSSL's cons_scale and CutMix-Seg's cons_weight
     defaults = dict(consistency="logit_mse", student_noise_std=0.0, ema_warmup=True, ema_buffers=False,
                     confidence_weighting="pixel", pseudo_label_threshold=0.0)
 
