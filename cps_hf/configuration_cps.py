@@ -1,4 +1,5 @@
-"""Configuration of one CPS segmentation network: a timm backbone under a DeepLabv3+ head.
+"""Configuration of one CPS segmentation network: a timm backbone under a DeepLabv3+ head (or, for
+plain ViTs, the DPT head UniMatch V2 uses).
 
 CPS trains two of these networks with the same backbone weights and differently initialised
 heads; the exported model is one of them, so one config describes everything that is saved.
@@ -6,6 +7,8 @@ heads; the exported model is one of them, so one config describes everything tha
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
+
+DECODE_HEADS = ("deeplabv3plus", "dpt")
 
 
 @strict
@@ -37,6 +40,18 @@ class CPSConfig(PreTrainedConfig):
         from the last block). Default: four evenly spaced blocks ending at the last (`[2, 5, 8, 11]`
         for 12 blocks), as DINOv2's segmentation recipes. Blocks after the last tap are removed
         from the backbone, so no parameter goes unused.
+    decode_head (`str`, defaults to `"deeplabv3plus"`):
+        The head: `"deeplabv3plus"` (the paper's; for ViTs through a neck) or `"dpt"`, plain ViTs only:
+        DPT's reassemble-and-fuse decoder on four tapped blocks, as UniMatch V2 runs it on DINOv2 (each tap
+        projected by a 1x1 conv, resampled to 4x, 2x, 1x and 1/2x the patch grid, fused coarse to fine by
+        residual conv units without BatchNorm, then a 3x3 conv, ReLU and the 1x1 classifier at 8x the patch
+        grid). Its layers keep PyTorch's default initialisation, as in UniMatch V2.
+    dpt_features (`int`, *optional*):
+        Channels of the DPT fusion path. Default: UniMatch V2's value for the encoder's width (64 for 384,
+        128 for 768, 256 for 1024, 384 for 1536), else a sixth of the width.
+    dpt_channels (`list[int]`, *optional*):
+        Channels of the four projected taps. Default: UniMatch V2's `[w/8, w/4, w/2, w]` for width `w`
+        (its ViT-L and -g use other values: set them here).
     pad_to_patch_multiple (`bool`, defaults to `True`):
         Plain ViTs only: pad the input on the right and bottom to a multiple of the patch size and
         crop the logits back, so any image size works. `False` refuses other sizes.
@@ -74,6 +89,9 @@ class CPSConfig(PreTrainedConfig):
     output_stride: int | None = 16
     multi_grid: list[int] | tuple[int, ...] | None = None
     vit_feature_indices: list[int] | tuple[int, ...] | None = None
+    decode_head: str = "deeplabv3plus"
+    dpt_features: int | None = None
+    dpt_channels: list[int] | tuple[int, ...] | None = None
     pad_to_patch_multiple: bool = True
     aspp_rates: list[int] | tuple[int, ...] = (6, 12, 18)
     aspp_channels: int = 256
@@ -103,6 +121,12 @@ class CPSConfig(PreTrainedConfig):
             raise ValueError(
                 f"CPSConfig.vit_feature_indices must be distinct block indices, at least one, got {list(indices)}"
             )
+        if self.decode_head not in DECODE_HEADS:
+            raise ValueError(f"CPSConfig.decode_head must be one of {', '.join(DECODE_HEADS)}, got {self.decode_head!r}")
+        if self.dpt_channels is not None and (len(self.dpt_channels) != 4 or min(self.dpt_channels) < 1):
+            raise ValueError(f"CPSConfig.dpt_channels needs four positive channel counts, got {list(self.dpt_channels)}")
+        if self.dpt_features is not None and self.dpt_features < 1:
+            raise ValueError(f"CPSConfig.dpt_features must be positive, got {self.dpt_features}")
         if self.num_labels < 1:
             raise ValueError(f"CPSConfig.num_labels must be positive, got {self.num_labels}")
 

@@ -187,13 +187,17 @@ def _backbone_licence_rows(*names: str) -> list[str]:
 
 
 def _architecture_rows(config: CPSConfig) -> tuple[str, str]:
-    """How the backbone feeds the head: features_only levels (CNNs), or ViT taps through the neck."""
+    """How the backbone feeds the head: features_only levels (CNNs), ViT taps through the neck, or the DPT head."""
     vit = plain_vit_facts(config)
     if vit is None:
         stride = config.output_stride if config.output_stride is not None else "backbone default"
         return ("| Architecture | DeepLabv3+ (ASPP + decoder) on a timm `features_only` backbone |",
                 f"| Output stride | {stride} |")
     taps = ", ".join(str(index) for index in vit_tap_indices(config, vit.depth))
+    if config.decode_head == "dpt":
+        return (f"| Architecture | DPT head (UniMatch V2's) on a plain ViT: normed outputs of blocks {taps}, "
+                "reassembled at 4x, 2x, 1x and 1/2x the patch grid and fused coarse to fine |",
+                f"| Output stride | {vit.patch_size[0]} (the patch size; inputs are padded to a multiple) |")
     return (f"| Architecture | DeepLabv3+ (ASPP + decoder) on a plain ViT: normed outputs of blocks {taps} "
             "through a simple feature-pyramid neck (4x transposed-conv upsampling + 1x1 fusion) |",
             f"| Output stride | {vit.patch_size[0]} (the patch size; inputs are padded to a multiple) |")

@@ -390,6 +390,81 @@ class CPSDeepLabV3PlusHead(nn.Module):
         return self.classifier(self.dropout(self.decoder(low_level, self.aspp(high_level))))
 
 
+class CPSDPTResidualUnit(nn.Module):
+    """ReLU, 3x3 conv, ReLU, 3x3 conv, plus the input: DPT's residual conv unit (no BatchNorm, as UniMatch V2)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features + self.conv2(F.relu(self.conv1(F.relu(features))))
+
+
+class CPSDPTFusion(nn.Module):
+    """One step of DPT's coarse-to-fine path: add the refined lateral map (all but the coarsest step), refine,
+    upsample bilinearly (to the next level's size, or 2x at the finest), project by a 1x1 conv."""
+
+    def __init__(self, channels: int, has_lateral: bool, align_corners: bool):
+        super().__init__()
+        self.lateral = CPSDPTResidualUnit(channels) if has_lateral else None
+        self.refine = CPSDPTResidualUnit(channels)
+        self.project = nn.Conv2d(channels, channels, 1)
+        self.align_corners = align_corners
+
+    def forward(self, path: torch.Tensor, lateral: torch.Tensor | None = None, size=None) -> torch.Tensor:
+        if lateral is not None:
+            path = path + self.lateral(lateral)
+        path = self.refine(path)
+        resize = dict(size=tuple(size)) if size is not None else dict(scale_factor=2)
+        path = F.interpolate(path, **resize, mode="bilinear", align_corners=self.align_corners)
+        return self.project(path)
+
+
+def dpt_default_features(embed_dim: int) -> int:
+    """UniMatch V2's fusion width for DINOv2-S/B/L/g, a sixth of the encoder width otherwise."""
+    return {384: 64, 768: 128, 1024: 256, 1536: 384}.get(embed_dim, max(embed_dim // 6, 1))
+
+
+class CPSDPTHead(nn.Module):
+    """DPT's decoder on four tapped ViT blocks (patch-grid maps), as UniMatch V2 runs it on DINOv2.
+
+    Each tap is projected (1x1) and resampled to 4x, 2x, 1x and 1/2x the patch grid (the reassemble
+    step), mapped to `dpt_features` channels by a 3x3 conv, fused from the coarsest level up, and
+    classified at 8x the patch grid; the model resizes the logits to the input. The coarsest fusion has
+    no lateral unit (UniMatch V2 builds one that it never calls), so every parameter gets a gradient.
+    """
+
+    def __init__(self, config: CPSConfig, embed_dim: int):
+        super().__init__()
+        channels = list(config.dpt_channels or (embed_dim // 8, embed_dim // 4, embed_dim // 2, embed_dim))
+        features = config.dpt_features or dpt_default_features(embed_dim)
+        self.projections = nn.ModuleList([nn.Conv2d(embed_dim, c, 1) for c in channels])
+        self.resamplers = nn.ModuleList([
+            nn.ConvTranspose2d(channels[0], channels[0], 4, stride=4),
+            nn.ConvTranspose2d(channels[1], channels[1], 2, stride=2),
+            nn.Identity(),
+            nn.Conv2d(channels[3], channels[3], 3, stride=2, padding=1),
+        ])
+        self.levels = nn.ModuleList([nn.Conv2d(c, features, 3, padding=1, bias=False) for c in channels])
+        self.fusions = nn.ModuleList([CPSDPTFusion(features, has_lateral=k < 3, align_corners=True)
+                                      for k in range(4)])
+        self.output_conv = nn.Conv2d(features, features, 3, padding=1)
+        self.classifier = nn.Conv2d(features, config.num_labels, 1)
+
+    def forward(self, *taps: torch.Tensor) -> torch.Tensor:
+        if len(taps) != 4:
+            raise ValueError(f"the DPT head needs four tapped blocks, got {len(taps)}")
+        levels = [level(resample(project(tap))) for tap, project, resample, level
+                  in zip(taps, self.projections, self.resamplers, self.levels)]
+        path = self.fusions[3](levels[3], size=levels[2].shape[-2:])
+        path = self.fusions[2](path, levels[2], size=levels[1].shape[-2:])
+        path = self.fusions[1](path, levels[1], size=levels[0].shape[-2:])
+        path = self.fusions[0](path, levels[0])
+        return self.classifier(F.relu(self.output_conv(path)))
+
+
 # ---------------------------------------------------------------------------------------------
 # Pretrained model base
 # ---------------------------------------------------------------------------------------------
@@ -408,6 +483,30 @@ def _with_perturbed_copy(features, rate: float | None, seed: int | None = None):
         keep = torch.rand(f.shape[0], f.shape[1], 1, 1, generator=generator, device=f.device) >= rate
         perturbed.append(torch.cat([f, f * keep.to(f.dtype) / (1.0 - rate)]))
     return tuple(perturbed)
+
+
+def _complementary_dropout(features, rate: float, seed: int | None = None, shared: bool = False):
+    """UniMatch V2's complementary channel dropout on a batch that holds two views of the same images
+    (first half, second half): each channel of a view-1 image is zeroed or doubled at random, the same
+    channel of its view-2 twin gets the opposite, and `1 - rate` of the pairs are left unchanged.
+    `shared`: one mask for every feature map (V2's four ViT taps, all of one width); otherwise one per map."""
+    batch = features[0].shape[0]
+    if batch % 2:
+        raise ValueError(f"complementary dropout needs two views per image (an even batch), got a batch of {batch}")
+    device = features[0].device
+    generator = None if seed is None else torch.Generator(device=device).manual_seed(int(seed))
+    half = batch // 2
+    untouched = torch.randperm(half, generator=generator, device=device)[:int(half * (1 - rate))]
+
+    def masks(channels: int) -> torch.Tensor:
+        first = torch.randint(0, 2, (half, channels), generator=generator, device=device).float() * 2.0
+        first[untouched] = 1.0
+        return torch.cat([first, 2.0 - first])[:, :, None, None]
+
+    if shared:
+        mask = masks(features[0].shape[1])
+        return tuple(f * mask.to(f.dtype) for f in features)
+    return tuple(f * masks(f.shape[1]).to(f.dtype) for f in features)
 
 
 class CPSPreTrainedModel(PreTrainedModel):
@@ -477,25 +576,35 @@ def _restore_statistics(module: nn.Module, args, output) -> None:
 
 
 class CPSForSemanticSegmentation(CPSPreTrainedModel):
-    """DeepLabv3+ on a timm backbone; `logits` come back at the input resolution.
+    """DeepLabv3+ (or, on a plain ViT, DPT) on a timm backbone; `logits` come back at the input resolution.
 
     CNN backbones feed their stride-4 and last levels to the head. A plain ViT (DINOv2, ...) feeds
-    its tapped blocks to `neck` (None for CNNs, so their state dict has no `neck.` keys), which
-    makes those two inputs; the input is padded to a multiple of the patch and the logits cropped.
+    its tapped blocks to `neck` (None for CNNs and for the DPT head, so their state dict has no `neck.`
+    keys), which makes DeepLabv3+'s two inputs, or straight to the DPT head (`config.decode_head="dpt"`);
+    the input is padded to a multiple of the patch and the logits cropped.
     """
 
     def __init__(self, config: CPSConfig):
         super().__init__(config)
         vit = plain_vit_facts(config)
         self.backbone = create_backbone(config)
+        self.neck, self.vit_taps, self.patch_size = None, None, None
         if vit is None:
-            self.neck, self.vit_taps, self.patch_size = None, None, None
-            low_in, high_in = self.backbone.feature_info.channels()[-2:]
+            if config.decode_head == "dpt":
+                raise ValueError(f"CPSConfig.decode_head='dpt' needs a plain ViT backbone (e.g. "
+                                 f"vit_small_patch14_dinov2), got the CNN {config.backbone!r}")
+            self.decode_head = CPSDeepLabV3PlusHead(config, *self.backbone.feature_info.channels()[-2:])
         else:
             self.vit_taps, self.patch_size = vit_tap_indices(config, vit.depth), vit.patch_size
-            self.neck = CPSViTNeck(config, vit.embed_dim, len(self.vit_taps))
-            low_in, high_in = self.neck.low_level_channels, self.neck.context_channels
-        self.decode_head = CPSDeepLabV3PlusHead(config, low_in, high_in)
+            if config.decode_head == "dpt":
+                if len(self.vit_taps) != 4:
+                    raise ValueError(f"CPSConfig.decode_head='dpt' taps four blocks; vit_feature_indices names "
+                                     f"{len(self.vit_taps)}: {list(config.vit_feature_indices)}")
+                self.decode_head = CPSDPTHead(config, vit.embed_dim)
+            else:
+                self.neck = CPSViTNeck(config, vit.embed_dim, len(self.vit_taps))
+                self.decode_head = CPSDeepLabV3PlusHead(config, self.neck.low_level_channels,
+                                                        self.neck.context_channels)
         self._backbone_frozen, self._backbone_checkpointing, self._recompute_hooks = False, False, []
         self.post_init()
 
@@ -507,6 +616,7 @@ class CPSForSemanticSegmentation(CPSPreTrainedModel):
         return_dict: bool | None = None,
         feature_perturbation: float | None = None,
         perturbation_seed: int | None = None,
+        complementary_dropout: float | None = None,
         **kwargs,
     ) -> SemanticSegmenterOutput | tuple:
         r"""
@@ -516,18 +626,27 @@ class CPSForSemanticSegmentation(CPSPreTrainedModel):
             UniMatch's feature perturbation: the head also runs on the encoder features with channel dropout
             (`Dropout2d` of this rate) and the logits hold the B clean images, then the B perturbed ones
             (2B in all). The head sees both halves in one pass, as UniMatch's model does.
+        complementary_dropout (`float`, *optional*):
+            UniMatch V2's complementary channel dropout on the head's inputs (a ViT's tapped blocks, one mask
+            for all; a CNN's two levels, one mask each). The batch must be two views of the same images, first
+            halves then second: a channel zeroed (x0) in one view is doubled (x2) in the other, and a share
+            `1 - complementary_dropout` of the pairs is left alone (UniMatch V2: 0.5).
         perturbation_seed (`int`, *optional*):
-            Seeds the channel masks of `feature_perturbation` (default: torch's global generator).
+            Seeds the masks of either perturbation (default: torch's global generator).
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        if self.neck is None:
+        if feature_perturbation and complementary_dropout:
+            raise ValueError("feature_perturbation and complementary_dropout are two methods' perturbations: "
+                             "pass one of them")
+        if self.vit_taps is None:
             with self._checkpointing_context():
                 low_level, high_level = self.backbone(pixel_values)
-            logits = self.decode_head(*_with_perturbed_copy((low_level, high_level), feature_perturbation,
-                                                            perturbation_seed))
             hidden_states = (low_level, high_level)
+            logits = self.decode_head(*self._perturbed(hidden_states, feature_perturbation, complementary_dropout,
+                                                       perturbation_seed, shared=False))
         else:
-            logits, hidden_states = self._vit_logits(pixel_values, feature_perturbation, perturbation_seed)
+            logits, hidden_states = self._vit_logits(pixel_values, feature_perturbation, complementary_dropout,
+                                                     perturbation_seed)
         if logits.shape[-2:] != pixel_values.shape[-2:]:  # a padded ViT input comes back at its size already
             logits = F.interpolate(
                 logits, size=pixel_values.shape[-2:], mode="bilinear", align_corners=self.config.align_corners
@@ -543,11 +662,21 @@ class CPSForSemanticSegmentation(CPSPreTrainedModel):
             return ((loss,) + output) if loss is not None else output
         return SemanticSegmenterOutput(loss=loss, logits=logits, hidden_states=hidden_states)
 
+    @staticmethod
+    def _perturbed(features, feature_perturbation, complementary_dropout, seed, shared: bool):
+        """The head's inputs, with UniMatch's perturbed copy appended or V2's complementary masks applied."""
+        if complementary_dropout:
+            return _complementary_dropout(tuple(features), complementary_dropout, seed, shared=shared)
+        return _with_perturbed_copy(features, feature_perturbation, seed)
+
     def _vit_logits(self, pixel_values: torch.Tensor, feature_perturbation: float | None = None,
+                    complementary_dropout: float | None = None,
                     perturbation_seed: int | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """Logits of a plain-ViT model at the input size (padding cropped off) and the tapped maps.
 
-        The logits are resized to the padded size before cropping, so each logit stays on its pixel.
+        V2's complementary dropout acts on the taps (as UniMatch V2 on DINOv2's intermediate layers), V1's
+        feature perturbation on the head's inputs. The logits are resized to the padded size before
+        cropping, so each logit stays on its pixel.
         """
         height, width = pixel_values.shape[-2:]
         padded = pad_to_patch_multiple(pixel_values, self.patch_size, self.config)
@@ -555,7 +684,10 @@ class CPSForSemanticSegmentation(CPSPreTrainedModel):
             taps = self.backbone.forward_intermediates(
                 padded, indices=self.vit_taps, norm=True, intermediates_only=True, output_fmt="NCHW"
             )
-        logits = self.decode_head(*_with_perturbed_copy(self.neck(taps), feature_perturbation, perturbation_seed))
+        head_taps = self._perturbed(taps, None, complementary_dropout, perturbation_seed, shared=True)
+        head_inputs = self.neck(list(head_taps)) if self.neck is not None else head_taps
+        logits = self.decode_head(*self._perturbed(head_inputs, feature_perturbation, None, perturbation_seed,
+                                                   shared=False))
         if padded.shape[-2:] != pixel_values.shape[-2:]:
             logits = F.interpolate(logits, size=padded.shape[-2:], mode="bilinear",
                                    align_corners=self.config.align_corners)[..., :height, :width]

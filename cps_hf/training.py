@@ -55,6 +55,8 @@ def encoder_options(args) -> dict:
         options["backbone_kwargs"] = backbone_kwargs
     if args.vit_feature_indices is not None:
         options["vit_feature_indices"] = list(args.vit_feature_indices)
+    if args.decode_head != "deeplabv3plus":
+        options["decode_head"] = args.decode_head
     return options
 
 

@@ -92,6 +92,12 @@ class CPSTrainingConfig:
         default=None,
         metadata={"help": "ViT encoders: the blocks whose outputs the neck taps; unset: automatic."},
     )
+    decode_head: Literal["deeplabv3plus", "dpt"] = field(
+        default="deeplabv3plus",
+        metadata={"help": "The head: DeepLabv3+ (the paper's; a ViT feeds it through a neck) or 'dpt', plain ViTs "
+                  "only: DPT on four tapped blocks, as UniMatch V2 on DINOv2 (widths: CPSConfig's dpt_features and "
+                  "dpt_channels, UniMatch V2's by default)."},
+    )
     freeze_backbone: bool = field(
         default=False,
         metadata={"help": "Train the head only: the encoder's weights get no gradient and it stays in eval mode "
@@ -104,7 +110,7 @@ class CPSTrainingConfig:
     # ---- method ----------------------------------------------------------------------------
     method: Literal[
         "supervised", "cps", "cps_cutmix", "mean_teacher", "mean_teacher_cutmix", "sps", "sps_cutmix", "cpc",
-        "ncps", "ncps_cutmix", "fixmatch", "unimatch", "cps_strong",
+        "ncps", "ncps_cutmix", "fixmatch", "unimatch", "unimatch_v2", "cps_strong",
     ] = field(default="cps_cutmix", metadata={"help": "Training method (see cps_hf/methods/)."})
     cps_weight: float | None = field(
         default=None,
@@ -159,7 +165,7 @@ class CPSTrainingConfig:
     ema_decay: float | None = field(
         default=None,
         metadata={"help": "EMA decay of a teacher's weights (its cap with a warm-up); unset: 0.99 for the mean teachers "
-                  "(both codes), 0.996 for fixmatch --ema_teacher (UniMatch V2)."},
+                  "(both codes), 0.996 for fixmatch --ema_teacher and unimatch_v2 (UniMatch V2)."},
     )
     ema_teacher: bool = field(
         default=False,
@@ -169,7 +175,8 @@ class CPSTrainingConfig:
     feature_dropout: float | None = field(
         default=None,
         metadata={"help": "unimatch: Dropout2d rate of its feature-perturbation stream on the encoder features; "
-                  "unset: 0.5 (UniMatch)."},
+                  "unimatch_v2: the share of image pairs whose two strong views get complementary channel dropout; "
+                  "unset: 0.5 (UniMatch V1 and V2)."},
     )
     strong_color_jitter: list[float] = field(
         default_factory=lambda: [0.5, 0.5, 0.5, 0.25],
@@ -362,7 +369,7 @@ class CPSTrainingConfig:
             raise ConfigError(f"--ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.ema_teacher and self.method != "fixmatch":
             raise ConfigError(f"--ema_teacher is a fixmatch option (UniMatch V2's FixMatch); --method {self.method} "
-                              "has its own teacher or none")
+                              "has its own teacher or none (unimatch_v2 always has one)")
         if self.num_networks is not None and self.num_networks < 2:
             raise ConfigError(f"--num_networks must be >= 2, got {self.num_networks}")
         if self.learning_rate <= 0:

@@ -48,3 +48,25 @@ def test_every_method_trains_and_exports_on_the_encoder(demo_root, tmp_path, enc
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (51, 70, 3), dtype=np.uint8))
     masks = segmenter(image)
     assert masks and all(entry["mask"].size == (70, 51) for entry in masks)
+
+
+DPT_VIT = ["--backbone", "vit_small_patch14_dinov2", "--output_stride", "none", "--decode_head", "dpt",
+           "--backbone_kwargs", '{"depth": 4, "embed_dim": 48, "num_heads": 2, "img_size": 28}']
+
+
+@pytest.mark.parametrize("method", ["unimatch_v2", "cps_cutmix"])
+def test_the_dpt_head_trains_evaluates_and_serves_the_pipeline(demo_root, tmp_path, method):
+    """UniMatch V2's recipe (its DPT head on a DINOv2-layout ViT), and CPS on the same model."""
+    out = tmp_path / method
+    results = train_cps.main(tiny_args(demo_root, out, "--method", method, "--max_train_steps", "2",
+                                       "--max_eval_samples", "2", *DPT_VIT))
+    assert results["final_step"] == 2 and 0.0 <= results["eval_mean_iou"] <= 1.0
+    losses = [record["loss"] for record in _read_log(out) if "loss" in record]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["decode_head"] == "dpt"
+    model = CPSForSemanticSegmentation.from_pretrained(out / "model")
+    assert model.neck is None and type(model.decode_head).__name__ == "CPSDPTHead"
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (51, 70, 3), dtype=np.uint8))
+    masks = pipeline("image-segmentation", model=str(out / "model"))(image)
+    assert masks and all(entry["mask"].size == (70, 51) for entry in masks)

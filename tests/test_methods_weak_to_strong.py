@@ -237,6 +237,65 @@ def test_fixmatch_with_an_ema_teacher_is_unimatch_v2s(fixed_views):
         parse_args(["--method", "unimatch", "--ema_teacher"])
 
 
+class PerturbableSegmenter(TinySegmenter):
+    """TinySegmenter whose head input (the conv-BN-ReLU features) takes the model's complementary dropout."""
+
+    def forward(self, pixel_values, complementary_dropout=None, perturbation_seed=None):
+        from types import SimpleNamespace
+
+        from cps_hf.modeling_cps import _complementary_dropout
+
+        self.calls.append(SimpleNamespace(batch=pixel_values.shape[0], grad=torch.is_grad_enabled(), x=pixel_values,
+                                          dropout=complementary_dropout, seed=perturbation_seed))
+        features = self.body[:3](pixel_values)
+        if complementary_dropout:
+            (features,) = _complementary_dropout((features,), complementary_dropout, perturbation_seed)
+        return SimpleNamespace(logits=self.body[3](features))
+
+
+def test_unimatch_v2_is_unimatch_v2_py(fixed_views):
+    batch = {**_batch(), "unlabeled": _batch()["unlabeled"][:1]}
+    x, y = batch["labeled"]["pixel_values"], batch["labeled"]["labels"]
+    u = batch["unlabeled"][0]["pixel_values"]
+    tau = 0.3
+    method = build_method("unimatch_v2", cross_entropy, pseudo_label_threshold=tau)
+    assert (method.num_models, method.trained_count, method.num_unlabeled_streams) == (2, 1, 1)
+    assert (method.ema_decay, method.complementary_dropout, method.cps_weight) == (0.996, 0.5, 1.0)
+    assert method.names() == ("student", "teacher") and method.default_export == "student"
+    assert build_method("unimatch_v2", cross_entropy).pseudo_label_threshold == 0.95
+    student, teacher = PerturbableSegmenter(0).train(), PerturbableSegmenter(1).train()
+    method.init_networks([student, teacher])
+    out = method([student, teacher], batch, step=0)
+    assert [(c.batch, c.grad) for c in teacher.calls] == [(3, False)] and teacher.training
+    # the labeled batch alone, then both strong views in one forward with complementary dropout
+    assert [(c.batch, c.grad, c.dropout) for c in student.calls] == [(2, True, None), (6, True, 0.5)]
+    box = torch.zeros(3, 12, 12, dtype=torch.bool)
+    box[..., :6] = True
+    views = [fixed_views[0] * 0.5 + 0.1, fixed_views[1] * 0.5 + 0.2]
+    expected_strong = torch.cat([torch.where(box[:, None], view.flip(0), view) for view in views])
+    assert torch.equal(student.calls[1].x, expected_strong)
+
+    reference = PerturbableSegmenter(0).train()
+    with torch.no_grad():
+        weak = _logits(PerturbableSegmenter(0).eval(), u)  # the teacher starts as the student's copy
+    logits_x = _logits(reference, x)
+    logits_s1, logits_s2 = reference(expected_strong, 0.5, student.calls[1].seed).logits.chunk(2)
+    targets = _threshold_targets(torch.where(box[:, None], weak.flip(0), weak), tau)
+    loss_s1, loss_s2 = _ce_valid(logits_s1, targets), _ce_valid(logits_s2, targets)
+    expected = (F.cross_entropy(logits_x, y, ignore_index=255) + (loss_s1 + loss_s2) / 2) / 2
+    assert out.logs["loss_u_s1"] == pytest.approx(loss_s1.item(), rel=1e-5)
+    assert out.logs["loss_u"] == pytest.approx(((loss_s1 + loss_s2) / 2).item(), rel=1e-5)
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    method.after_optimizer_step([student, teacher], step=3)  # r = min(1 - 1/4, 0.996) = 0.75
+    for key, value in teacher.state_dict().items():
+        if value.is_floating_point():
+            assert torch.allclose(value, 0.75 * before[key] + 0.25 * student.state_dict()[key], atol=1e-6), key
+
+
 # ---- through the trainer -----------------------------------------------------------------------
 
 from test_train import demo_root, fresh_accelerate_state, tiny_args, train_cps  # noqa: E402,F401
@@ -250,6 +309,7 @@ def _log(out):
     ("fixmatch", [], ("loss_u_s", "pseudo_kept_u", "cutmix_fraction")),
     ("fixmatch", ["--ema_teacher"], ("loss_u_s", "ema_decay")),
     ("unimatch", [], ("loss_u_s1", "loss_u_s2", "loss_u_fp", "loss_u")),
+    ("unimatch_v2", [], ("loss_u_s1", "loss_u_s2", "loss_u", "ema_decay")),
     ("cps_strong", [], ("loss_cps", "agreement_u", "loss_sup_2")),
 ])
 def test_weak_to_strong_methods_train_export_and_resume_bit_identically(demo_root, tmp_path, monkeypatch, method,
