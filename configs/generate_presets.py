@@ -302,6 +302,97 @@ def convnext_preset(method: str) -> tuple[str, dict]:
     return f"{name}.yaml", config
 
 
+# ---- today's leaders: UniMatch V1 (ResNet-101) and UniMatch V2 (DINOv2-S/B with its DPT head) --------------
+
+# UniMatch V1 (github.com/LiheYoung/UniMatch: configs/pascal.yaml, configs/cityscapes.yaml, unimatch.py,
+# model/semseg/deeplabv3plus.py): DeepLabv3+ on a deep-stem ResNet-101 at output stride 16 (the last stage
+# dilated, no multi-grid), ASPP 6/12/18; SGD momentum 0.9, weight decay 1e-4, poly 0.9 per iteration; VOC: lr 1e-3
+# with the head x10, crop 321, 80 epochs, threshold 0.95, CE; Cityscapes: lr 5e-3 with the head x1, crop 801,
+# 240 epochs, threshold 0, OHEM (0.7, 200k pixels per GPU batch of 2), windows of 801 at stride 534; 2 + 2 images
+# per GPU on 4 GPUs. Their README's numbers (R101): VOC 92..1464 labels, Cityscapes 1/16..1/2.
+UNIMATCH_V1 = dict(backbone="resnet101s", output_stride=16, multi_grid=None, aspp_rates=[6, 12, 18],
+                   optimizer="sgd", momentum=0.9, weight_decay=1e-4, lr_power=0.9, global_batch_size=8,
+                   method="unimatch", cps_weight=1.0)
+UNIMATCH_V1_DATA = {
+    "voc": dict(learning_rate=1e-3, head_lr_multiplier=10.0, crop_size=321, num_train_epochs=80,
+                pseudo_label_threshold=0.95),
+    "cityscapes": dict(learning_rate=5e-3, head_lr_multiplier=1.0, crop_size=801, num_train_epochs=240,
+                       pseudo_label_threshold=0.0, ohem_min_kept=200000, ohem_images_per_group=2, eval_crop_size=801,
+                       eval_stride=534),
+}
+UNIMATCH_V1_MIOU = {"voc": {"92": 75.2, "183": 77.2, "366": 78.8, "732": 79.9, "1464": 81.2},
+                    "cityscapes": {"1-16": 76.6, "1-8": 77.9, "1-4": 79.2, "1-2": 79.5}}
+# UniMatch V2 DINOv2-B (its README; the same configs as -S with the base encoder) and -S (best val of its logs,
+# UNIMATCH_V2_SMALL for what they hold; its README gives no -S Cityscapes numbers but 1/8).
+UNIMATCH_V2_BASE_MIOU = {"voc": {"92": 86.3, "183": 87.9, "366": 88.9, "732": 90.0, "1464": 90.8},
+                         "cityscapes": {"1-16": 83.6, "1-8": 84.3, "1-4": 84.5, "1-2": 85.1}}
+DINOV2_ENCODERS = {"s": "vit_small_patch14_dinov2.lvd142m", "b": "vit_base_patch14_dinov2.lvd142m"}
+
+
+def unimatch_v1_preset(dataset: str, protocol: str) -> tuple[str, dict]:
+    short = "voc" if dataset == "voc" else "city"
+    name = f"{short}_r101_{protocol}_unimatch"
+    config = {**COMMON, **(VOC if dataset == "voc" else CITY), **UNIMATCH_V1, **UNIMATCH_V1_DATA[dataset]}
+    config.update(labeled=f"unimatch/{dataset}/{protocol}", output_dir=f"outputs/{name}")
+    labels = f"{protocol} labels" if dataset == "voc" else f"{FRACTIONS[protocol]} labels"
+    data = config
+    config["preset_note"] = (
+        f"UniMatch V1 ({labels}, {dataset}, UniMatch's split) as its code runs it (the method's defaults: two "
+        "strong views, feature perturbation 0.5, same-image CutMix, (L_x + L_u) / 2): DeepLabv3+ R101 (deep stem, "
+        f"OS16, no multi-grid), SGD lr {data['learning_rate']:g} with the head x{data['head_lr_multiplier']:g}, wd 1e-4, "
+        f"poly 0.9, crop {data['crop_size']}, global batch 8+8, {data['num_train_epochs']} epochs over the unlabeled set, "
+        f"threshold {data['pseudo_label_threshold']:g}"
+        + (", OHEM 0.7 / 200k pixels per 2 images, windows 801 at stride 534" if dataset == "cityscapes" else "")
+        + ". Ours differ: CPS's discrete scales (they draw 0.5-2.0), weight decay spared on norms and biases "
+        "(they decay everything), ImageNet weights from timm's resnet101s. "
+        f"Their README (R101): {UNIMATCH_V1_MIOU[dataset][protocol]}."
+    )
+    return f"{name}.yaml", config
+
+
+def unimatch_v2_preset(dataset: str, protocol: str, size: str) -> tuple[str, dict]:
+    short = "voc" if dataset == "voc" else "city"
+    name = f"{short}_dinov2{size}_{protocol}_unimatch_v2"
+    base = VOC if dataset == "voc" else CITY
+    config = {**COMMON, **base, **DINOV2, **DINOV2_DATA[dataset]}
+    config.pop("momentum")
+    config.update(backbone=DINOV2_ENCODERS[size], decode_head="dpt", labeled=f"unimatch/{dataset}/{protocol}",
+                  method="unimatch_v2", cps_weight=1.0, pseudo_label_threshold=0.95, output_dir=f"outputs/{name}")
+    budget = DINOV2_DATA[dataset]
+    labels = f"{protocol} labels" if dataset == "voc" else f"{FRACTIONS[protocol]} labels"
+    if size == "b":
+        expect = f"their README (DINOv2-B): {UNIMATCH_V2_BASE_MIOU[dataset][protocol]}"
+    elif (dataset, protocol) in UNIMATCH_V2_SMALL:
+        expect = f"best val mIoU of their DINOv2-S log: {UNIMATCH_V2_SMALL[(dataset, protocol)][1]}"
+    else:
+        expect = "no published DINOv2-S number for this split (DINOv2-B: " \
+                 f"{UNIMATCH_V2_BASE_MIOU[dataset][protocol]})"
+    config["preset_note"] = (
+        f"UniMatch V2 (DINOv2 ViT-{size.upper()}/14, {labels}, {dataset}, UniMatch's split) as its code runs it (the "
+        "method's defaults: EMA teacher 0.996, 0.95 confidence, two strong views with complementary channel "
+        "dropout, (L_x + L_u) / 2) with its DPT head on blocks 3/6/9/12: AdamW (0.9, 0.999), wd 0.01, encoder lr "
+        f"5e-6 and head x40, poly 0.9, no warm-up, crop {budget['crop_size']}, global batch "
+        f"{budget['global_batch_size']}+{budget['global_batch_size']}, {budget['num_train_epochs']} epochs over the "
+        "unlabeled set" + (", OHEM 0.7 / 200k pixels per 2 images, windows 798 at stride 532" if dataset == "cityscapes"
+                           else "") + ". Ours differ: CPS's discrete scales (they draw 0.5-2.0), "
+        + ("whole val images padded to a multiple of 14 (they resize)" if dataset == "voc" else "the same windows")
+        + f"; the student is exported (they evaluate both and keep the student's best). Expect: {expect}."
+    )
+    return f"{name}.yaml", config
+
+
+def leader_presets() -> dict[str, dict]:
+    presets = {}
+    for dataset, protocols in UNIMATCH_V1_MIOU.items():
+        for protocol in protocols:
+            name, config = unimatch_v1_preset(dataset, protocol)
+            presets[name] = config
+            for size in DINOV2_ENCODERS:
+                name, config = unimatch_v2_preset(dataset, protocol, size)
+                presets[name] = config
+    return presets
+
+
 def encoder_presets() -> dict[str, dict]:
     presets = {}
     for dataset, protocols in DINOV2_PROTOCOLS.items():
@@ -328,6 +419,7 @@ def all_presets() -> dict[str, dict]:
         presets[name] = config
     presets.update(baseline_presets())
     presets.update(encoder_presets())
+    presets.update(leader_presets())
     return presets
 
 

@@ -40,7 +40,8 @@ def test_encoder_presets_exist_and_parse():
         assert "ConvNeXt" in args.preset_note
 
 
-@pytest.mark.parametrize("preset", ["voc_convnext-t_1-8_cps_cutmix", "voc_dinov2s_183_cps_cutmix"])
+@pytest.mark.parametrize("preset", ["voc_convnext-t_1-8_cps_cutmix", "voc_dinov2s_183_cps_cutmix",
+                                    "voc_dinov2s_183_unimatch_v2"])
 def test_encoder_preset_builds_its_network_and_optimizer(preset):
     from cps_hf.optim import build_optimizer
     from cps_hf.training import build_networks, model_config_from_args
@@ -58,8 +59,29 @@ def test_encoder_preset_builds_its_network_and_optimizer(preset):
     if args.layer_decay:  # ConvNeXt: the stem ~0.56x (0.97 ** 19), the last stage's last block 0.97x
         assert min(rates.values()) == pytest.approx(args.learning_rate * 0.97 ** 19)
         assert config.backbone_kwargs == {"drop_path_rate": 0.4}
-    else:  # DINOv2: one encoder lr, the neck and head at x40
-        assert rates["model0_backbone_decay"] == args.learning_rate and network.neck is not None
+    else:  # DINOv2: one encoder lr, the neck (DeepLabv3+) or the DPT head at x40
+        assert rates["model0_backbone_decay"] == args.learning_rate
+        assert (network.neck is None) == (args.decode_head == "dpt")
+
+
+def test_unimatch_presets_follow_their_configs():
+    """UniMatch V1 (R101) and V2 (DINOv2-S/B, DPT head) for every split their READMEs report."""
+    voc, city = ("92", "183", "366", "732", "1464"), ("1-16", "1-8", "1-4", "1-2")
+    for dataset, short, protocols in (("voc", "voc", voc), ("cityscapes", "city", city)):
+        for protocol in protocols:
+            v1 = parse_args(["--config", str(ROOT / "configs" / f"{short}_r101_{protocol}_unimatch.yaml")])
+            assert (v1.method, v1.optimizer, v1.backbone, v1.output_stride, v1.multi_grid) == (
+                "unimatch", "sgd", "resnet101s", 16, None)
+            assert v1.labeled == f"unimatch/{dataset}/{protocol}" and "Their README (R101)" in v1.preset_note
+            expected = (1e-3, 10.0, 321, 0.95, "ce") if dataset == "voc" else (5e-3, 1.0, 801, 0.0, "ohem")
+            assert (v1.learning_rate, v1.head_lr_multiplier, v1.crop_size, v1.pseudo_label_threshold,
+                    v1.sup_loss) == expected
+            for size, encoder in (("s", "vit_small_patch14_dinov2"), ("b", "vit_base_patch14_dinov2")):
+                v2 = parse_args(["--config", str(ROOT / "configs" / f"{short}_dinov2{size}_{protocol}_unimatch_v2.yaml")])
+                assert (v2.method, v2.decode_head, v2.optimizer, v2.learning_rate, v2.head_lr_multiplier) == (
+                    "unimatch_v2", "dpt", "adamw", 5e-6, 40.0)
+                assert v2.backbone.startswith(encoder) and v2.crop_size == (518 if dataset == "voc" else 798)
+                assert "Expect:" in v2.preset_note
 
 
 def _benchmark_module():
