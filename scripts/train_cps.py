@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from cps_hf.cli import run_cli  # noqa: E402
+from cps_hf.erasure_alarm import ErasureAlarm  # noqa: E402
 from cps_hf.errors import RunInterrupted  # noqa: E402
 from cps_hf.data import (  # noqa: E402
     EvalTransform,
@@ -187,6 +188,8 @@ def train(args, stop: InterruptAtStepEnd | None = None) -> dict:
         ncps_sum=args.ncps_sum,
         generator_seed=args.seed,
         class_names=bundle.class_names,  # names the per-class kept fractions of a thresholded run
+        class_shares=args.erasure_alarm_fraction > 0,  # per-class shares for the erasure alarm
+        class_aware_threshold=args.pseudo_label_class_aware,
         # Figure 7's "foreground" agreement leaves out background; Cityscapes' class 0 is road.
         background_index=0 if bundle.class_names[0].lower() in ("background", "_background_") else None,
     )
@@ -244,7 +247,9 @@ def train(args, stop: InterruptAtStepEnd | None = None) -> dict:
     followers = [follower.to(accelerator.device).requires_grad_(False) for follower in followers]  # no optimizer, no DDP
     networks = [*trained, *followers]
     progress = TrainProgress()
-    accelerator.register_for_checkpointing(streams, progress, *followers)  # followers are saved as custom state
+    # followers (EMA teachers) and a method's own state (class-aware thresholds) are saved as custom state
+    accelerator.register_for_checkpointing(streams, progress, *followers, *method.checkpoint_state())
+    alarm = ErasureAlarm(args.erasure_alarm_fraction, args.erasure_alarm_patience) if args.erasure_alarm_fraction else None
     log = JsonlLog(output_dir / "log.jsonl", enabled=accelerator.is_main_process)
     nonfinite = NonFiniteGuard(args.skip_nonfinite_steps, accelerator, progress)
 
@@ -322,6 +327,8 @@ def train(args, stop: InterruptAtStepEnd | None = None) -> dict:
                 optimizer.zero_grad(set_to_none=True)
         progress.step += 1
         window_images += images_per_step * args.gradient_accumulation_steps
+        if alarm is not None:
+            alarm.add_step(micro_logs)
         bar.update(1)
 
         if progress.step % args.logging_steps == 0 or progress.step == max_train_steps:
@@ -337,8 +344,15 @@ def train(args, stop: InterruptAtStepEnd | None = None) -> dict:
             if accelerator.device.type == "cuda":  # this rank's peak since the last log line
                 record["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
                 torch.cuda.reset_peak_memory_stats(accelerator.device)
+            alarms = []
+            if alarm is not None:  # window means of the class shares replace the step's own
+                shares, alarms = alarm.end_window(progress.step)
+                record.update(reduce_logs(shares, accelerator))
             accelerator.log(record, step=progress.step)
             log.write(record)
+            for message in alarms:
+                accelerator.print(f"warning: {message}")
+                log.write({"step": progress.step, "erasure_alarm": message})
             bar.set_postfix(loss=f"{step_logs.get('loss', float('nan')):.3f}")
             window_start, window_images = time.perf_counter(), 0
 

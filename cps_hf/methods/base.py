@@ -30,6 +30,7 @@ import torch
 from ..cutmix import box_mask
 from ..errors import ConfigError
 from ..losses import agreement_counts, cross_entropy, pseudo_labels
+from .class_shares import ClassAwareThreshold, log_class_shares
 
 PSEUDO_LABEL_NORMALIZATIONS = ("valid", "kept")
 
@@ -145,6 +146,11 @@ class Method:
             meaning whatever the kept fraction) or "kept" (only the confident pixels, a plain mean
             with ignore_index; its effective lambda grows as 1 / kept fraction). No effect at
             threshold 0.
+        class_shares: log each class's share of the labeled pixels and of the kept pseudo labels on unlabeled
+            images every step (``labeled_share/<class>``, ``pseudo_share_u/<class>``), which the trainer's
+            erasure alarm compares (`cps_hf.erasure_alarm`). Needs `class_names`.
+        class_aware_threshold: FlexMatch-style per-class bars under `pseudo_label_threshold` for classes the
+            network has learned less (`class_shares.ClassAwareThreshold`); needs a threshold > 0.
     """
 
     name: str = "base"
@@ -175,6 +181,8 @@ class Method:
         cutmix_area_range: Sequence[float] | None = None,
         freeze_bn: bool | None = None,
         class_names: Sequence[str] | None = None,
+        class_shares: bool = False,
+        class_aware_threshold: bool = False,
     ):
         if cps_weight < 0:
             raise ValueError(f"cps_weight must be >= 0, got {cps_weight}")
@@ -214,6 +222,17 @@ class Method:
             raise ValueError(f"pseudo_label_normalize must be one of {', '.join(PSEUDO_LABEL_NORMALIZATIONS)}, "
                              f"got {pseudo_label_normalize!r}")
         self.pseudo_label_normalize = pseudo_label_normalize
+        if class_shares and not self.class_names:
+            raise ValueError("class_shares needs class_names")
+        self.class_shares = bool(class_shares)
+        if class_aware_threshold and self.pseudo_label_threshold <= 0:
+            raise ValueError("class_aware_threshold lowers the bar of pseudo_label_threshold per class: set a threshold > 0")
+        self.class_threshold = ClassAwareThreshold() if class_aware_threshold else None
+
+    def checkpoint_state(self) -> list:
+        """Objects with state_dict / load_state_dict the trainer saves in its checkpoints (a resumed run goes on
+        with them): the class-aware threshold's counts, when on."""
+        return [self.class_threshold] if self.class_threshold is not None else []
 
     def set_steps_per_epoch(self, steps_per_epoch: int) -> None:
         """Called by the trainer once the data are known: an epoch-based ramp-up becomes steps."""
@@ -313,10 +332,22 @@ class Method:
         ``<log_name without a trailing _k>/<class>``, so a threshold that starves a class shows. Threshold
         0 returns the argmax itself, so the paper's methods are unchanged."""
         predictions = pseudo_labels(logits) if predictions is None else predictions
+        unlabeled = logs is not None and log_name.startswith("pseudo_kept_u")
         if self.pseudo_label_threshold <= 0:
+            if self.class_shares and unlabeled:
+                log_class_shares(logs, "pseudo_share_u", predictions, self.class_names, self.ignore_index)
             return predictions
         with torch.no_grad():
-            confident = logits.detach().float().softmax(dim=1).amax(dim=1) >= self.pseudo_label_threshold
+            confidence = logits.detach().float().softmax(dim=1).amax(dim=1)
+            if self.class_threshold is not None:
+                bars = self.class_threshold.thresholds(self.pseudo_label_threshold, logits.shape[1], logits.device)
+                confident = confidence >= bars[predictions]
+                self.class_threshold.update(predictions, confidence, self.pseudo_label_threshold, logits.shape[1])
+            else:
+                confident = confidence >= self.pseudo_label_threshold
+            if self.class_shares and unlabeled:
+                log_class_shares(logs, "pseudo_share_u", predictions.masked_fill(~confident, self.ignore_index),
+                                 self.class_names, self.ignore_index)
             if logs is not None:
                 logs.add(log_name, confident.float().mean())
                 num_classes = logits.shape[1]
@@ -386,6 +417,8 @@ class Method:
     def _supervised_losses(self, logits_per_model, labels, logs: StepLogs) -> torch.Tensor:
         """L_s of equation 4: the sum over networks of each one's supervision loss."""
         losses = [self.sup_criterion(logits, labels) for logits in logits_per_model]
+        if self.class_shares:
+            log_class_shares(logs, "labeled_share", labels, self.class_names, self.ignore_index)
         if len(losses) > 1:
             for k, loss in enumerate(losses, start=1):
                 logs.add(f"loss_sup_{k}", loss)

@@ -1,0 +1,136 @@
+"""Rare classes: per-class shares of pseudo labels and labels, the erasure alarm, class-aware thresholds."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from cps_hf.erasure_alarm import ErasureAlarm
+from cps_hf.losses import cross_entropy
+from cps_hf.methods import StepLogs, build_method
+from cps_hf.methods.class_shares import ClassAwareThreshold
+
+NAMES = ["bg", "cat", "dog"]
+
+
+def _logits_for(classes: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
+    """(1, 3, H, W) logits whose argmax is `classes` with softmax confidence `confidence` at each pixel."""
+    other = torch.log((1 - confidence) / 2)
+    logits = other[None].repeat(3, 1, 1)
+    logits.scatter_(0, classes[None], torch.log(confidence)[None])
+    return logits[None]
+
+
+def test_shares_of_labels_and_kept_pseudo_labels_are_logged_per_class():
+    method = build_method("cps", cross_entropy, class_names=NAMES, class_shares=True, pseudo_label_threshold=0.6)
+    classes = torch.tensor([[0, 0, 1, 2]])
+    confidence = torch.tensor([[0.9, 0.9, 0.9, 0.5]])  # the dog pixel is under the bar
+    logs = StepLogs()
+    method.pseudo_targets(_logits_for(classes, confidence), logs=logs, log_name="pseudo_kept_u_1")
+    method.pseudo_targets(_logits_for(classes, confidence), logs=logs, log_name="pseudo_kept_l_1")  # labeled: not counted
+    labels = torch.tensor([[[0, 1, 1, 255]]])
+    method._supervised_losses([torch.zeros(1, 3, 1, 4)], labels, logs)
+    floats = logs.to_floats()
+    assert [floats[f"pseudo_share_u/{name}"] for name in NAMES] == pytest.approx([2 / 3, 1 / 3, 0.0])
+    assert [floats[f"labeled_share/{name}"] for name in NAMES] == pytest.approx([1 / 3, 2 / 3, 0.0])  # 255 left out
+    quiet = build_method("cps", cross_entropy, class_names=NAMES)
+    logs = StepLogs()
+    quiet.pseudo_targets(_logits_for(classes, confidence), logs=logs, log_name="pseudo_kept_u_1")
+    assert not any(key.startswith("pseudo_share") for key in logs.to_floats())  # off unless asked
+
+
+def test_class_aware_bars_follow_flexmatch():
+    bars = ClassAwareThreshold(momentum=0.0)  # counts of the last update only
+    assert bars.thresholds(0.9, 3, "cpu").tolist() == [0.0, 0.0, 0.0]  # FlexMatch's warm-up: every bar starts at 0
+    predictions = torch.tensor([0] * 6 + [1] * 3 + [2] * 3)
+    confidence = torch.tensor([0.95] * 6 + [0.95] * 2 + [0.5] + [0.5] * 3)
+    bars.update(predictions, confidence, 0.9, 3)  # sigma = 6, 2, 0; unused 4
+    beta = torch.tensor([6 / 6, 2 / 6, 0 / 6])
+    expected = 0.9 * beta / (2 - beta)
+    torch.testing.assert_close(bars.thresholds(0.9, 3, "cpu"), expected)
+    restored = ClassAwareThreshold()
+    restored.load_state_dict(bars.state_dict())
+    torch.testing.assert_close(restored.thresholds(0.9, 3, "cpu"), expected)
+    averaged = ClassAwareThreshold(momentum=0.5)
+    averaged.update(predictions, confidence, 0.9, 3)
+    averaged.update(torch.zeros(12, dtype=torch.long), torch.full((12,), 0.95), 0.9, 3)  # sigma = 9, 1, 0; unused 2
+    torch.testing.assert_close(averaged.thresholds(0.9, 3, "cpu"),
+                               0.9 * torch.tensor([1.0, 1 / 9, 0.0]) / (2 - torch.tensor([1.0, 1 / 9, 0.0])))
+
+
+def test_class_aware_pseudo_labels_keep_a_less_learned_class_under_the_fixed_bar():
+    method = build_method("fixmatch", cross_entropy, class_names=NAMES, class_aware_threshold=True)
+    classes = torch.tensor([[0, 0, 0, 0, 1, 1]])
+    confidence = torch.tensor([[0.99, 0.99, 0.99, 0.99, 0.97, 0.7]])
+    method.pseudo_targets(_logits_for(classes, confidence))  # first call: every bar 0, then the counts
+    targets = method.pseudo_targets(_logits_for(classes, confidence))
+    # bars now: bg 0.95 (sigma 4 of max 4), cat 0.95 * (1/4) / (2 - 1/4) = 0.136: its 0.7 pixel is kept
+    assert targets.tolist() == [[[0, 0, 0, 0, 1, 1]]]
+    fixed = build_method("fixmatch", cross_entropy).pseudo_targets(_logits_for(classes, confidence))
+    assert fixed.tolist() == [[[0, 0, 0, 0, 1, 255]]]
+    assert method.checkpoint_state() == [method.class_threshold] and fixed is not None
+    with pytest.raises(ValueError, match="threshold > 0"):
+        build_method("cps", cross_entropy, class_aware_threshold=True)
+
+
+def _window(alarm, pseudo, labeled, steps=2):
+    for _ in range(steps):
+        alarm.add_step([{**{f"pseudo_share_u/{k}": v for k, v in pseudo.items()},
+                         **{f"labeled_share/{k}": v for k, v in labeled.items()}}])
+
+
+def test_the_alarm_names_a_class_whose_pseudo_share_stays_under_a_quarter_of_its_labeled_share():
+    alarm = ErasureAlarm(fraction=0.25, patience=3)
+    labeled = {"bg": 0.7, "cat": 0.2, "dog": 0.1}
+    warnings = []
+    for window, dog in enumerate([0.05, 0.01, 0.02, 0.01, 0.0]):  # x0.5, then x0.1, x0.2, x0.1, x0
+        _window(alarm, {"bg": 0.8 - dog, "cat": 0.2, "dog": dog}, labeled)
+        record, raised = alarm.end_window(step=10 * (window + 1))
+        warnings.append(raised)
+    assert warnings[:3] == [[], [], []] and warnings[4] == []  # once per class
+    assert len(warnings[3]) == 1 and "'dog'" in warnings[3][0] and "step 40" in warnings[3][0]
+    assert record["pseudo_share_u/dog"] == 0.0 and record["share_ratio/cat"] == pytest.approx(1.0)
+    assert record["labeled_share/dog"] == pytest.approx(0.1)
+
+
+def test_a_recovering_or_nearly_unlabeled_class_does_not_ring():
+    alarm = ErasureAlarm(fraction=0.25, patience=2, min_labeled_share=0.01)
+    for dog in (0.0, 0.05, 0.0, 0.05):  # never two low windows in a row
+        _window(alarm, {"dog": dog, "bird": 0.0}, {"dog": 0.1, "bird": 0.005})  # bird: under 1% of labeled pixels
+        assert alarm.end_window(step=1)[1] == []
+    with pytest.raises(ValueError, match="fraction"):
+        ErasureAlarm(fraction=1.5)
+
+
+# ---- through the trainer -----------------------------------------------------------------------
+
+from test_train import demo_root, fresh_accelerate_state, tiny_args, train_cps  # noqa: E402,F401
+
+
+def _records(out):
+    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+def test_the_trainer_logs_shares_rings_the_alarm_and_resumes_class_aware_bars(demo_root, tmp_path):
+    common = ("--method", "cps_cutmix", "--max_train_steps", "4", "--checkpointing_steps", "2",
+              "--pseudo_label_threshold", "0.5", "--pseudo_label_class_aware",
+              "--erasure_alarm_fraction", "0.99", "--erasure_alarm_patience", "1")
+    out = tmp_path / "run"
+    straight = train_cps.main(tiny_args(demo_root, out, *common))
+    records = _records(out)
+    steps = [r for r in records if "loss" in r]
+    assert all(any(k.startswith("labeled_share/") for k in r) for r in steps)
+    assert any(k.startswith("share_ratio/") for r in steps for k in r)
+    assert any("erasure_alarm" in r for r in records)  # at x0.99 some class is always short of its share
+    shutil.rmtree(out / "step_4", ignore_errors=True)
+    shutil.rmtree(out / "model")
+    resumed = train_cps.main(tiny_args(demo_root, out, *common, "--resume_from_checkpoint", "latest"))
+    assert resumed["parameter_fingerprint"] == straight["parameter_fingerprint"]  # the bars' counts were saved
+    off = train_cps.main(tiny_args(demo_root, tmp_path / "off", "--method", "cps", "--max_train_steps", "1",
+                                   "--erasure_alarm_fraction", "0"))
+    assert off["final_step"] == 1
+    assert not any(k.startswith("labeled_share/") for r in _records(tmp_path / "off") for k in r)
