@@ -126,6 +126,12 @@ def curve_figures(log_path: str, output_dir: Path) -> list[Path]:
                                   ylabel="fraction of pixels where the argmax agree"))
     else:
         print(f"{path}: no values for agreement.png ({', '.join(AGREEMENT_LABELS)})")
+    ratios = sorted(key for key in numeric if "share_ratio/" in key)
+    if ratios:  # the erasure alarm's view: a class near 0 is vanishing from the pseudo labels
+        written.append(plot_lines(records, ratios, output_dir / "class_shares.png",
+                                  labels={key: key.split("share_ratio/", 1)[1] for key in ratios},
+                                  title="Each class's share of the pseudo labels over its share of the labels",
+                                  ylabel="pseudo-label share / labeled share (1: kept)"))
     evaluation = logged_keys(numeric, ["eval_mean_iou"])
     if evaluation:
         written.append(plot_curves(records, evaluation, output_dir / "eval_mean_iou.png", title="Validation mIoU",

@@ -19,5 +19,5 @@ import torch, torchvision
 print(f"torch=={torch.__version__.split('+')[0]}")
 print(f"torchvision=={torchvision.__version__.split('+')[0]}")
 PY
-python -m pip install -q -c .venv/torch-constraints.txt -e ".[dev]"
+python -m pip install -q -c .venv/torch-constraints.txt -e ".[dev,study]"
 python -c "import cps_hf, timm, transformers; print('cps_hf ready:', 'torch', __import__('torch').__version__, 'timm', timm.__version__, 'transformers', transformers.__version__)"

@@ -183,6 +183,21 @@ def test_make_figures_plots_every_agreement_key_the_trainer_logs(tmp_path, monke
         assert picture.format == "PNG"
 
 
+def test_make_figures_draws_the_erasure_alarms_share_ratios(tmp_path, monkeypatch):
+    make_figures = load_make_figures()
+    import cps_hf.visualize as visualize
+
+    drawn = {}
+    real = visualize.plot_lines
+    monkeypatch.setattr(visualize, "plot_lines", lambda records, keys, path, **kw: drawn.setdefault(path.name, keys)
+                        and real(records, keys, path, **kw))
+    lines = [{"step": s, "loss": 1.0 / s, "share_ratio/cat": 1.0, "share_ratio/dog": 1.0 / s} for s in (1, 2, 3)]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    written = make_figures.main(["--log", str(tmp_path), "--output_dir", str(tmp_path / "figs")])
+    assert "class_shares.png" in [p.name for p in written]
+    assert drawn["class_shares.png"] == ["share_ratio/cat", "share_ratio/dog"]
+
+
 def test_make_figures_names_a_missing_model_folder(tmp_path):
     from cps_hf.errors import UserInputError
 
