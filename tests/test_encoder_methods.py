@@ -54,9 +54,9 @@ DPT_VIT = ["--backbone", "vit_small_patch14_dinov2", "--output_stride", "none", 
            "--backbone_kwargs", '{"depth": 4, "embed_dim": 48, "num_heads": 2, "img_size": 28}']
 
 
-@pytest.mark.parametrize("method", ["unimatch_v2", "cps_cutmix"])
+@pytest.mark.parametrize("method", ["unimatch_v2", "unimatch", "fixmatch", "cps_strong", "cps_cutmix"])
 def test_the_dpt_head_trains_evaluates_and_serves_the_pipeline(demo_root, tmp_path, method):
-    """UniMatch V2's recipe (its DPT head on a DINOv2-layout ViT), and CPS on the same model."""
+    """UniMatch V2's recipe (its DPT head on a DINOv2-layout ViT), and the other weak-to-strong methods and CPS on it."""
     out = tmp_path / method
     results = train_cps.main(tiny_args(demo_root, out, "--method", method, "--max_train_steps", "2",
                                        "--max_eval_samples", "2", *DPT_VIT))
