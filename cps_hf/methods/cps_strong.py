@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..losses import pseudo_labels
-from .base import KeptFractions, MethodOutput, StepLogs, logits_of, register_method
+from .base import KeptFractions, MethodOutput, logits_of, register_method
 from .weak_to_strong import WeakToStrongMethod, mixed
 
 
@@ -39,11 +39,7 @@ class CPSStrongMethod(WeakToStrongMethod):
         return MethodOutput(loss, logs.to_floats())
 
     def compute(self, models, batch, step, generator):
-        logs = StepLogs()
-        labeled = batch["labeled"]
-        u0, partners = self._streams(batch)
-        weight = self.cps_weight_at(step)
-        logs.add("cps_weight", weight)
+        logs, labeled, u0, partners, weight = self._start(batch, step)
         if weight <= 0:
             logits_l = [logits_of(model, labeled["pixel_values"]) for model in models]
             return self._finish(self._supervised_losses(logits_l, labeled["labels"], logs), None, weight, logs)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import StepLogs, logits_of, register_method
+from .base import logits_of, register_method
 from .weak_to_strong import EMATeacher, WeakToStrongMethod, check_ema_decay, mixed
 
 
@@ -44,11 +44,7 @@ class FixMatchMethod(EMATeacher, WeakToStrongMethod):
             self.update_teacher(networks, step)
 
     def compute(self, models, batch, step, generator):
-        logs = StepLogs()
-        labeled = batch["labeled"]
-        u0, partners = self._streams(batch)
-        weight = self.cps_weight_at(step)
-        logs.add("cps_weight", weight)
+        logs, labeled, u0, partners, weight = self._start(batch, step)
         num_labeled = labeled["pixel_values"].shape[0]
         model = models[0]
         if weight <= 0:  # warm-up: the labeled images alone

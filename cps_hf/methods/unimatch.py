@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import KeptFractions, StepLogs, logits_of, register_method
+from .base import KeptFractions, logits_of, register_method
 from .weak_to_strong import EMATeacher, WeakToStrongMethod, check_ema_decay, mixed
 
 
@@ -38,11 +38,7 @@ class UniMatchMethod(WeakToStrongMethod):
             raise ValueError(f"feature_dropout must be in (0, 1), got {self.feature_dropout}")
 
     def compute(self, models, batch, step, generator):
-        logs = StepLogs()
-        labeled = batch["labeled"]
-        u0, partners = self._streams(batch)
-        weight = self.cps_weight_at(step)
-        logs.add("cps_weight", weight)
+        logs, labeled, u0, partners, weight = self._start(batch, step)
         model = models[0]
         if weight <= 0:
             loss_sup = self._supervised_losses([logits_of(model, labeled["pixel_values"])], labeled["labels"], logs)
@@ -99,11 +95,7 @@ class UniMatchV2Method(EMATeacher, WeakToStrongMethod):
         self.update_teacher(networks, step)
 
     def compute(self, models, batch, step, generator):
-        logs = StepLogs()
-        labeled = batch["labeled"]
-        u0, _ = self._streams(batch)
-        weight = self.cps_weight_at(step)
-        logs.add("cps_weight", weight)
+        logs, labeled, u0, _, weight = self._start(batch, step)
         student, teacher = models
         logits_x = logits_of(student, labeled["pixel_values"])
         loss_sup = self._supervised_losses([logits_x], labeled["labels"], logs)

@@ -91,6 +91,15 @@ class WeakToStrongMethod(Method):
                              f"{tuple(u0.shape)} and {tuple(partners.shape)}")
         return u0, partners
 
+    def _start(self, batch, step: int):
+        """What every step begins with: its logs (lambda logged), the labeled batch, the unlabeled images,
+        their CutMix partners (None with one stream) and lambda."""
+        logs = StepLogs()
+        weight = self.cps_weight_at(step)
+        logs.add("cps_weight", weight)
+        u0, partners = self._streams(batch)
+        return logs, batch["labeled"], u0, partners, weight
+
     def _finish(self, loss_sup, loss_u, weight, logs: StepLogs) -> MethodOutput:
         """UniMatch's (L_x + lambda L_u) / 2."""
         loss = (loss_sup + weight * loss_u) / 2 if loss_u is not None else loss_sup / 2
