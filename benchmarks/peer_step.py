@@ -43,16 +43,21 @@ makes its strong views in its DataLoader workers, outside the step; ours makes t
 inside it, so our method is handed the same precomputed views and boxes (the step's only change) and the
 time ours spends making them is printed on a line of its own (`ours_strong_views_ms`, not in the ratio).
 
-Timing: one process per peer holds both sides; every repeat runs both steps, alternating which goes first,
-after `--warmup` untimed repeats; median and min per side, ratios ours/theirs (< 1: ours is faster). On CPU
+Each side runs in its own process (its own allocator state and peak memory, as a training run has), and
+the parent makes them step in turn: every repeat runs both steps, alternating which goes first, after
+`--warmup` untimed repeats; median and min per side, ratios ours/theirs (< 1: ours is faster). On CPU
 the process's CPU time per step is given too: on a shared machine a step that waits for a core counts in
 wall-clock time only, so CPU time is the steadier comparison there (with one torch thread on an idle machine
 the two agree). The defaults (ResNet-50, crop 129, batch 2, 7 repeats, 1 thread) take about 5 minutes on 2
 busy CPU cores.
-Peak memory: a fresh process per side builds it and runs two steps; CPU: the process's peak RSS
-(`ru_maxrss`) and its rise during the steps above the peak before them; CUDA: `max_memory_allocated` and
-its rise over the allocation before the steps. Both sides' processes import the same libraries (torch,
-cps_hf with transformers and timm) before building, so their baselines match. The last line is JSON.
+Peak memory, per side's process after all its steps: on CPU the peak RSS (`ru_maxrss`) and its rise during
+the steps above the peak before them, with the minor page faults per step (memory the allocator gave back
+to the system and faults in again); on CUDA `max_memory_allocated` and its rise over the allocation before
+the steps. Both sides' processes import the same libraries (torch, cps_hf with transformers and timm)
+before building, so their baselines match. Page faults are part of a step's CPU time, and how many a step
+takes depends on the process's allocation history under glibc's default malloc, not only on the step;
+the workers inherit the environment, so `MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=17179869184`
+in front of the command keeps freed memory in both processes and takes that out. The last line is JSON.
 """
 
 from __future__ import annotations
@@ -63,7 +68,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -108,13 +112,8 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=None, help="untimed repeats first (default 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads, the same on both sides")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
-    parser.add_argument("--skip_memory", action="store_true",
-                        help="skip the peak-memory runs (a fresh process per side and peer)")
     parser.add_argument("--quick", action="store_true", help="small crop, 2 repeats: a smoke run")
-    parser.add_argument("--_child", choices=("timing", "memory"), default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--_peer", choices=PEERS, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--_side", choices=("ours", "theirs"), default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--_result", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--_worker", nargs=2, metavar=("PEER", "SIDE"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.crop = args.crop or (65 if args.quick else 129)
     args.repeats = args.repeats or (2 if args.quick else 7)
@@ -219,7 +218,7 @@ def _count(modules) -> int:
 def our_config(args, peer: str, backbone: str | None = None, **overrides):
     from cps_hf import CPSConfig
 
-    names = [f"class_{i}" for i in range(args.num_labels)]
+    names = _method_options(args.num_labels)["class_names"]
     fields = dict(backbone=backbone or f"resnet{args.depth}s", output_stride=16, num_labels=args.num_labels,
                   id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
     if peer == "cps":
@@ -228,7 +227,12 @@ def our_config(args, peer: str, backbone: str | None = None, **overrides):
     return CPSConfig(**fields)
 
 
-def _prepared_views_method(batch: dict):
+def _method_options(num_labels: int) -> dict:
+    """What scripts/train_cps.py also passes: the class names (VOC-like, class 0 the background)."""
+    return dict(class_names=["background"] + [f"class_{i}" for i in range(1, num_labels)], background_index=0)
+
+
+def _prepared_views_method(batch: dict, num_labels: int):
     """UniMatchMethod handed the batch's precomputed strong views and CutMix boxes (UniMatch's loader makes
     them outside its step); every other line of its step is the trainer's."""
     from cps_hf.losses import cross_entropy
@@ -249,7 +253,7 @@ def _prepared_views_method(batch: dict):
         def boxes(self, images, generator):
             return self._boxes.pop(0)
 
-    return PreparedViews.from_options(cross_entropy)
+    return PreparedViews.from_options(cross_entropy, **_method_options(num_labels))
 
 
 def our_side(peer: str, args, batch: dict, backbone: str | None = None, **config_overrides) -> Side:
@@ -261,14 +265,15 @@ def our_side(peer: str, args, batch: dict, backbone: str | None = None, **config
 
     config = our_config(args, peer, backbone, **config_overrides)
     if peer == "unimatch":
-        method = _prepared_views_method(batch)
+        method = _prepared_views_method(batch, args.num_labels)
         step_batch = {"labeled": {"pixel_values": batch["images"], "labels": batch["labels"]},
                       "unlabeled": [{"pixel_values": batch["unlabeled"]}, {"pixel_values": batch["partners"]}]}
         settings = UNIMATCH_SETTINGS
         optimizer_options = dict(lr=settings["lr"], weight_decay=settings["weight_decay"],
                                  head_lr_multiplier=settings["lr_multi"])
     else:
-        method = build_method("cps", cross_entropy, cps_weight=CPS_SETTINGS["cps_weight"])
+        method = build_method("cps", cross_entropy, cps_weight=CPS_SETTINGS["cps_weight"],
+                              **_method_options(args.num_labels))
         step_batch = {"labeled": {"pixel_values": batch["images"], "labels": batch["labels"]},
                       "unlabeled": [{"pixel_values": batch["unlabeled"]}]}
         optimizer_options = dict(lr=CPS_SETTINGS["lr"], weight_decay=CPS_SETTINGS["weight_decay"])
@@ -302,7 +307,7 @@ def our_strong_views(args, batch: dict):
     from cps_hf.losses import cross_entropy
     from cps_hf.methods import build_method
 
-    method = build_method("unimatch", cross_entropy)
+    method = build_method("unimatch", cross_entropy, **_method_options(args.num_labels))
     generator = method.generator(0, 0, 0)
 
     def make():
@@ -537,47 +542,6 @@ def timed(side: Side, device) -> tuple[float, float]:
     return time.perf_counter() - start, time.process_time() - start_cpu
 
 
-def _stats(values: list[float]) -> dict:
-    return {"median_s": statistics.median(values), "min_s": min(values)}
-
-
-def run_timing(peer: str, path: Path, args) -> dict:
-    """Both sides in this process, each repeat running both steps in alternating order.
-
-    Wall-clock time is the measure; on CPU the process's CPU time is given too: a step that waits for a
-    core another process holds (a shared machine) counts in wall time only, so CPU time is the steadier
-    comparison there (with one torch thread, the two agree on an idle machine)."""
-    batch = make_batch(peer, args)
-    sides = {"theirs": build_side(peer, "theirs", path, args, batch), "ours": build_side(peer, "ours", path, args, batch)}
-    wall, cpu = {name: [] for name in sides}, {name: [] for name in sides}
-    for repeat in range(args.warmup + args.repeats):
-        order = ("ours", "theirs") if repeat % 2 == 0 else ("theirs", "ours")
-        for name in order:
-            elapsed, elapsed_cpu = timed(sides[name], args.device)
-            if repeat >= args.warmup:
-                wall[name].append(elapsed)
-                cpu[name].append(elapsed_cpu)
-    result = {name: {"times_s": wall[name], **_stats(wall[name]), "cpu_times_s": cpu[name],
-                     "cpu": _stats(cpu[name]), "parameters": sides[name].parameters,
-                     "last_loss": sides[name].last_loss()} for name in sides}
-    result["ratio_of_medians"] = result["ours"]["median_s"] / result["theirs"]["median_s"]
-    result["ratio_of_mins"] = result["ours"]["min_s"] / result["theirs"]["min_s"]
-    result["median_paired_ratio"] = statistics.median(o / t for o, t in zip(wall["ours"], wall["theirs"]))
-    result["cpu_ratio_of_medians"] = result["ours"]["cpu"]["median_s"] / result["theirs"]["cpu"]["median_s"]
-    result["cpu_ratio_of_mins"] = result["ours"]["cpu"]["min_s"] / result["theirs"]["cpu"]["min_s"]
-    if peer == "unimatch":
-        make = our_strong_views(args, batch)
-        view_times = []
-        for _ in range(args.repeats):
-            synchronize(args.device)
-            start = time.perf_counter()
-            make()
-            synchronize(args.device)
-            view_times.append(time.perf_counter() - start)
-        result["ours_strong_views_s"] = statistics.median(view_times)
-    return result
-
-
 def _peak_rss_bytes() -> int:
     import resource
 
@@ -585,83 +549,146 @@ def _peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 
-def run_memory(peer: str, side_name: str, path: Path, args) -> dict:
-    """One side alone in this fresh process: build, two steps; the peak and its rise during the steps."""
-    torch = _torch()
-    # Both sides' processes import the same libraries before building, so the baselines match.
+def _minor_faults() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+MARK = "@@peer_step "  # the workers' answers on stdout; any other line is passed on to stderr
+
+
+def run_worker(peer: str, side_name: str, path: Path, args) -> int:
+    """One side alone in this process, stepping when the parent says "step" on stdin.
+
+    The parent interleaves two of these (ours, theirs), so slow drift of a shared machine hits both
+    alike while each side keeps its own process: its own allocator state (glibc returns freed memory to
+    the system and takes it back with page faults, differently for different allocation patterns; one
+    side must not pay for the other's) and its own peak memory."""
     import importlib
 
+    torch = _torch()
+
+    def answer(message: dict) -> None:
+        print(MARK + json.dumps(message), flush=True)
+
+    # Both sides' processes import the same libraries before building, so the memory baselines match.
     for module in ("cps_hf.losses", "cps_hf.methods", "cps_hf.optim", "cps_hf.strong_views", "cps_hf.training"):
         importlib.import_module(module)
-
-    batch = make_batch(peer, args)
-    side = build_side(peer, side_name, path, args, batch)
+    try:
+        batch = make_batch(peer, args)
+        side = build_side(peer, side_name, path, args, batch)
+    except UserInputError as error:
+        answer({"error": str(error)})
+        return 2
     cuda = torch.device(args.device).type == "cuda"
-    if cuda:
-        synchronize(args.device)
-        torch.cuda.reset_peak_memory_stats(args.device)
-        before = torch.cuda.memory_allocated(args.device)
-    else:
-        before = _peak_rss_bytes()
-    for _ in range(2):  # the second step has the optimizer's momentum buffers too
-        side.fresh()
-        side.step()
     synchronize(args.device)
-    peak = torch.cuda.max_memory_allocated(args.device) if cuda else _peak_rss_bytes()
-    return {"kind": "cuda_max_memory_allocated" if cuda else "peak_rss", "peak_bytes": peak,
-            "before_steps_bytes": before, "step_rise_bytes": max(peak - before, 0)}
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(args.device)
+    before = torch.cuda.memory_allocated(args.device) if cuda else _peak_rss_bytes()
+    answer({"ready": True, "parameters": side.parameters})
+    for line in sys.stdin:
+        command = line.strip()
+        if command == "step":
+            faults = _minor_faults()
+            wall, cpu = timed(side, args.device)
+            answer({"wall": wall, "cpu": cpu, "minor_faults": _minor_faults() - faults})
+        elif command == "views":  # ours, UniMatch: what the precomputed views save the step
+            make, times = our_strong_views(args, batch), []
+            for _ in range(args.repeats):
+                synchronize(args.device)
+                start = time.perf_counter()
+                make()
+                synchronize(args.device)
+                times.append(time.perf_counter() - start)
+            answer({"views_s": statistics.median(times)})
+        elif command == "finish":
+            peak = torch.cuda.max_memory_allocated(args.device) if cuda else _peak_rss_bytes()
+            answer({"memory_kind": "cuda_max_memory_allocated" if cuda else "peak_rss", "peak_bytes": peak,
+                    "before_steps_bytes": before, "step_rise_bytes": max(peak - before, 0),
+                    "last_loss": side.last_loss()})
+            break
+    return 0
 
 
-def child_main(args) -> dict:
-    torch = _torch()
-    torch.set_num_threads(args.threads)
-    if torch.device(args.device).type == "cuda":
-        torch.backends.cudnn.benchmark = True  # as both references' scripts set it; the same for both sides
-    path = peer_paths(args)[args._peer]
-    if args._child == "timing":
-        return run_timing(args._peer, path, args)
-    return run_memory(args._peer, args._side, path, args)
+class Worker:
+    """The parent's handle on one side's process."""
+
+    def __init__(self, args, peer: str, path: Path, side: str):
+        self.side = side
+        argv = [sys.executable, str(Path(__file__).resolve()), PATH_FLAGS[peer], str(path), "--depth",
+                str(args.depth), "--crop", str(args.crop), "--batch", str(args.batch), "--num_labels",
+                str(args.num_labels), "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--threads",
+                str(args.threads), "--device", args.device, "--_worker", peer, side]
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+        self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+
+    def read(self) -> dict:
+        for line in self.process.stdout:
+            if not line.startswith(MARK):
+                sys.stderr.write(line)
+                continue
+            message = json.loads(line[len(MARK):])
+            if "error" in message:
+                raise UserInputError(message["error"])
+            return message
+        status = self.process.wait()
+        raise RuntimeError(f"the benchmark process of side {self.side!r} ended without answering "
+                           f"(exit status {status}; its traceback is above)")
+
+    def ask(self, command: str) -> dict:
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+        return self.read()
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
 
 
-# ------------------------------------------------------------------------------------------------
-# The parent: one child per measurement, the table, the JSON line
-# ------------------------------------------------------------------------------------------------
-
-
-def child_argv(args, peer: str, path: Path, kind: str, side: str | None = None) -> list[str]:
-    argv = [sys.executable, str(Path(__file__).resolve()), PATH_FLAGS[peer], str(path), "--depth", str(args.depth),
-            "--crop", str(args.crop), "--batch", str(args.batch), "--num_labels", str(args.num_labels),
-            "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--threads", str(args.threads),
-            "--device", args.device, "--_child", kind, "--_peer", peer]
-    return argv + (["--_side", side] if side else [])
-
-
-def run_child(argv: list[str], threads: int) -> dict:
-    with tempfile.TemporaryDirectory() as folder:
-        result_file = Path(folder) / "result.json"
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-        completed = subprocess.run(argv + ["--_result", str(result_file)], env=env)
-        result = json.loads(result_file.read_text()) if result_file.exists() else None
-    if result and "error" in result:
-        raise UserInputError(result["error"])
-    if completed.returncode != 0 or result is None:
-        raise RuntimeError(f"benchmark process failed (exit status {completed.returncode}): {' '.join(argv)}")
-    return result
+def _stats(values: list[float]) -> dict:
+    return {"median_s": statistics.median(values), "min_s": min(values)}
 
 
 def measure_peer(peer: str, path: Path, args) -> dict:
-    print(f"[{peer}] timing ours and theirs ({args.warmup} warm-up + {args.repeats} timed repeats each) ...",
+    """Both sides, each in its own process, one step each per repeat in alternating order."""
+    print(f"[{peer}] building both sides, then {args.warmup} warm-up + {args.repeats} timed repeats each ...",
           flush=True)
-    result = {"timing": run_child(child_argv(args, peer, path, "timing"), args.threads)}
-    if not args.skip_memory:
-        result["memory"] = {}
-        for side in ("ours", "theirs"):
-            print(f"[{peer}] peak memory, {side}, in a fresh process ...", flush=True)
-            result["memory"][side] = run_child(child_argv(args, peer, path, "memory", side), args.threads)
-        ours, theirs = result["memory"]["ours"], result["memory"]["theirs"]
-        result["peak_ratio"] = ours["peak_bytes"] / theirs["peak_bytes"]
-        result["step_rise_ratio"] = (ours["step_rise_bytes"] / theirs["step_rise_bytes"]
-                                     if theirs["step_rise_bytes"] else None)
+    workers = {}
+    try:
+        for side in ("theirs", "ours"):
+            workers[side] = Worker(args, peer, path, side)
+        ready = {side: worker.read() for side, worker in workers.items()}
+        steps = {side: [] for side in workers}
+        for repeat in range(args.warmup + args.repeats):
+            for side in (("ours", "theirs") if repeat % 2 == 0 else ("theirs", "ours")):
+                answer = workers[side].ask("step")
+                if repeat >= args.warmup:
+                    steps[side].append(answer)
+        views = workers["ours"].ask("views")["views_s"] if peer == "unimatch" else None
+        finish = {side: worker.ask("finish") for side, worker in workers.items()}
+    finally:
+        for worker in workers.values():
+            worker.close()
+    result = {}
+    for side in workers:
+        wall, cpu = [s["wall"] for s in steps[side]], [s["cpu"] for s in steps[side]]
+        result[side] = {"times_s": wall, **_stats(wall), "cpu_times_s": cpu, "cpu": _stats(cpu),
+                        "minor_faults_per_step": statistics.median(s["minor_faults"] for s in steps[side]),
+                        "parameters": ready[side]["parameters"], "last_loss": finish[side]["last_loss"],
+                        "memory": finish[side]}
+    ours, theirs = result["ours"], result["theirs"]
+    result["ratio_of_medians"] = ours["median_s"] / theirs["median_s"]
+    result["ratio_of_mins"] = ours["min_s"] / theirs["min_s"]
+    result["median_paired_ratio"] = statistics.median(o / t for o, t in zip(ours["times_s"], theirs["times_s"]))
+    result["cpu_ratio_of_medians"] = ours["cpu"]["median_s"] / theirs["cpu"]["median_s"]
+    result["cpu_ratio_of_mins"] = ours["cpu"]["min_s"] / theirs["cpu"]["min_s"]
+    result["peak_ratio"] = ours["memory"]["peak_bytes"] / theirs["memory"]["peak_bytes"]
+    rise = theirs["memory"]["step_rise_bytes"]
+    result["step_rise_ratio"] = ours["memory"]["step_rise_bytes"] / rise if rise else None
+    if views is not None:
+        result["ours_strong_views_s"] = views
     return result
 
 
@@ -692,55 +719,56 @@ def report(results: dict, args) -> dict:
     summary = {"benchmark": "peer_step", "goal": GOAL, "device": args.device, "torch_threads": args.threads,
                "depth": args.depth, "crop": args.crop, "batch": args.batch, "repeats": args.repeats,
                "warmup": args.warmup, "torch": torch.__version__, "peers": {}}
+    sides = ("ours", "theirs")
     for peer, result in results.items():
-        timing, memory = result["timing"], result.get("memory", {})
         for side in ("theirs", "ours"):
-            t, m = timing[side], memory.get(side)
+            t, m = result[side], result[side]["memory"]
             cells = [f"{t['median_s'] * 1e3:.0f}", f"{t['min_s'] * 1e3:.0f}",
                      f"{t['cpu']['median_s'] * 1e3:.0f}" if on_cpu else "-",
                      f"{t['cpu']['min_s'] * 1e3:.0f}" if on_cpu else "-", f"{t['parameters']:,}",
-                     f"{m['peak_bytes'] / 2**20:.0f}" if m else "-", f"{m['step_rise_bytes'] / 2**20:.0f}" if m else "-"]
+                     f"{m['peak_bytes'] / 2**20:.0f}", f"{m['step_rise_bytes'] / 2**20:.0f}"]
             print(f"{peer:<9} {side:<12}" + "".join(f"{c:>14}" for c in cells))
-        rise = result.get("step_rise_ratio")
-        ratios = [timing["ratio_of_medians"], timing["ratio_of_mins"],
-                  timing["cpu_ratio_of_medians"] if on_cpu else None, timing["cpu_ratio_of_mins"] if on_cpu else None,
-                  timing["ours"]["parameters"] / timing["theirs"]["parameters"], result.get("peak_ratio"), rise]
+        rise = result["step_rise_ratio"]
+        ratios = [result["ratio_of_medians"], result["ratio_of_mins"],
+                  result["cpu_ratio_of_medians"] if on_cpu else None, result["cpu_ratio_of_mins"] if on_cpu else None,
+                  result["ours"]["parameters"] / result["theirs"]["parameters"], result["peak_ratio"], rise]
         print(f"{peer:<9} {'ours/theirs':<12}" + "".join(f"{'-' if r is None else f'{r:.3f}':>14}" for r in ratios))
-        print(f"{'':<9} paired median (each repeat's ours/theirs, wall): {timing['median_paired_ratio']:.3f}")
-        if "ours_strong_views_s" in timing:
+        note = f"paired median (each repeat's ours/theirs, wall): {result['median_paired_ratio']:.3f}"
+        if on_cpu:
+            note += ("; minor page faults per step (memory the allocator took back from the system): ours "
+                     f"{result['ours']['minor_faults_per_step']:.0f}, theirs {result['theirs']['minor_faults_per_step']:.0f}")
+        print(f"{'':<9} {note}")
+        if "ours_strong_views_s" in result:
             print(f"{'':<9} not in the step above: ours makes its 4 strong views + 2 CutMix boxes on the device in "
-                  f"{timing['ours_strong_views_s'] * 1e3:.0f} ms (UniMatch: in its DataLoader workers)")
+                  f"{result['ours_strong_views_s'] * 1e3:.0f} ms (UniMatch: in its DataLoader workers)")
         print(f"{'':<9} {ARCHITECTURE[peer].format(d=args.depth)}")
         entry = {
-            "ratio_of_medians": round(timing["ratio_of_medians"], 4),
-            "ratio_of_mins": round(timing["ratio_of_mins"], 4),
-            "median_paired_ratio": round(timing["median_paired_ratio"], 4),
-            "meets_goal": timing["ratio_of_medians"] <= GOAL,
-            "step_ms": {side: {"median": round(timing[side]["median_s"] * 1e3, 1),
-                               "min": round(timing[side]["min_s"] * 1e3, 1)} for side in ("ours", "theirs")},
-            "parameters": {side: timing[side]["parameters"] for side in ("ours", "theirs")},
-            "last_loss": {side: timing[side]["last_loss"] for side in ("ours", "theirs")},
+            "ratio_of_medians": round(result["ratio_of_medians"], 4),
+            "ratio_of_mins": round(result["ratio_of_mins"], 4),
+            "median_paired_ratio": round(result["median_paired_ratio"], 4),
+            "meets_goal": result["ratio_of_medians"] <= GOAL,
+            "step_ms": {side: {"median": round(result[side]["median_s"] * 1e3, 1),
+                               "min": round(result[side]["min_s"] * 1e3, 1)} for side in sides},
+            "parameters": {side: result[side]["parameters"] for side in sides},
+            "last_loss": {side: result[side]["last_loss"] for side in sides},
+            "memory_kind": result["ours"]["memory"]["memory_kind"],
+            "peak_mib": {side: round(result[side]["memory"]["peak_bytes"] / 2**20, 1) for side in sides},
+            "step_rise_mib": {side: round(result[side]["memory"]["step_rise_bytes"] / 2**20, 1) for side in sides},
+            "peak_ratio": round(result["peak_ratio"], 4),
+            "step_rise_ratio": None if rise is None else round(rise, 4),
         }
         if on_cpu:
-            entry["cpu_ratio_of_medians"] = round(timing["cpu_ratio_of_medians"], 4)
-            entry["cpu_ratio_of_mins"] = round(timing["cpu_ratio_of_mins"], 4)
-            entry["cpu_step_ms"] = {side: {"median": round(timing[side]["cpu"]["median_s"] * 1e3, 1),
-                                           "min": round(timing[side]["cpu"]["min_s"] * 1e3, 1)}
-                                    for side in ("ours", "theirs")}
-        if "ours_strong_views_s" in timing:
-            entry["ours_strong_views_ms"] = round(timing["ours_strong_views_s"] * 1e3, 1)
-        if memory:
-            entry["memory_kind"] = memory["ours"]["kind"]
-            entry["peak_mib"] = {side: round(memory[side]["peak_bytes"] / 2**20, 1) for side in ("ours", "theirs")}
-            entry["step_rise_mib"] = {side: round(memory[side]["step_rise_bytes"] / 2**20, 1)
-                                      for side in ("ours", "theirs")}
-            entry["peak_ratio"] = round(result["peak_ratio"], 4)
-            entry["step_rise_ratio"] = None if rise is None else round(rise, 4)
+            entry["cpu_ratio_of_medians"] = round(result["cpu_ratio_of_medians"], 4)
+            entry["cpu_ratio_of_mins"] = round(result["cpu_ratio_of_mins"], 4)
+            entry["cpu_step_ms"] = {side: {"median": round(result[side]["cpu"]["median_s"] * 1e3, 1),
+                                           "min": round(result[side]["cpu"]["min_s"] * 1e3, 1)} for side in sides}
+            entry["minor_faults_per_step"] = {side: result[side]["minor_faults_per_step"] for side in sides}
+        if "ours_strong_views_s" in result:
+            entry["ours_strong_views_ms"] = round(result["ours_strong_views_s"] * 1e3, 1)
         summary["peers"][peer] = entry
-    if "cps" not in results:
-        summary["cps_note"] = "not run: give --torchsemiseg_path"
-    if "unimatch" not in results:
-        summary["unimatch_note"] = "not run: give --unimatch_path"
+    for peer in PEERS:
+        if peer not in results:
+            summary[f"{peer}_note"] = f"not run: give {PATH_FLAGS[peer]}"
     print(json.dumps(summary))
     return summary
 
@@ -751,14 +779,13 @@ def main(argv=None):
         import torch
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args._child:
-        try:
-            result = child_main(args)
-        except UserInputError as error:
-            result = {"error": str(error)}
-        Path(args._result).write_text(json.dumps(result))
-        return 2 if "error" in result else 0
     paths = peer_paths(args)
+    if args._worker:
+        peer, side = args._worker
+        _torch().set_num_threads(args.threads)
+        if _torch().device(args.device).type == "cuda":
+            _torch().backends.cudnn.benchmark = True  # as both references' scripts set it; the same for both sides
+        return run_worker(peer, side, paths[peer], args)
     if args.device.startswith("cuda"):
         import torch
 

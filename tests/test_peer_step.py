@@ -66,7 +66,7 @@ def test_a_module_their_code_imports_but_is_not_installed_is_one_line(tmp_path):
         (clone / name).parent.mkdir(parents=True, exist_ok=True)
         (clone / name).write_text("import package_that_is_not_installed_anywhere\n")
     completed = subprocess.run(
-        [sys.executable, str(SCRIPT), "--unimatch_path", str(clone), "--device", "cpu", "--quick", "--skip_memory",
+        [sys.executable, str(SCRIPT), "--unimatch_path", str(clone), "--device", "cpu", "--quick",
          "--crop", "33", "--repeats", "1", "--warmup", "0"],
         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
     assert completed.returncode == 2, completed.stderr
@@ -98,7 +98,7 @@ def test_our_unimatch_step_uses_the_batch_strong_views_and_boxes(peer_step):
     args = _tiny_args(peer_step)
     batch = peer_step.make_batch("unimatch", args)
     assert all(batch[f"box{k}"].any() for k in (1, 2))
-    method = peer_step._prepared_views_method(batch)
+    method = peer_step._prepared_views_method(batch, 3)
     torch.manual_seed(0)
     from cps_hf import CPSForSemanticSegmentation
 
@@ -124,7 +124,7 @@ def test_our_unimatch_step_uses_the_batch_strong_views_and_boxes(peer_step):
 @pytest.mark.skipif(not (os.environ.get("PEER_UNIMATCH_PATH") or os.environ.get("PEER_TORCHSEMISEG_PATH")),
                     reason="set PEER_UNIMATCH_PATH and/or PEER_TORCHSEMISEG_PATH to clones of the references")
 def test_the_benchmark_runs_against_the_clones():
-    argv = [sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--skip_memory", "--crop", "33",
+    argv = [sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--crop", "33",
             "--repeats", "1", "--warmup", "0"]
     peers = []
     for peer, variable, flag in (("unimatch", "PEER_UNIMATCH_PATH", "--unimatch_path"),
