@@ -92,7 +92,7 @@ CLONE_HINT = {
 }
 # The references' own settings (UniMatch configs/pascal.yaml; TorchSemiSeg exp.voc config.py)
 UNIMATCH_SETTINGS = dict(lr=0.001, lr_multi=10.0, weight_decay=1e-4, conf_thresh=0.95)
-CPS_SETTINGS = dict(lr=0.005, weight_decay=1e-4, cps_weight=1.5, bn_eps=1e-5, bn_momentum=0.1)
+CPS_SETTINGS = dict(lr=0.005, weight_decay=1e-4, cps_weight=1.5)
 
 
 def parse_args(argv=None):
@@ -115,8 +115,8 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="small crop, 2 repeats: a smoke run")
     parser.add_argument("--_worker", nargs=2, metavar=("PEER", "SIDE"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    args.crop = args.crop or (65 if args.quick else 129)
-    args.repeats = args.repeats or (2 if args.quick else 7)
+    args.crop = (65 if args.quick else 129) if args.crop is None else args.crop
+    args.repeats = (2 if args.quick else 7) if args.repeats is None else args.repeats
     args.warmup = 1 if args.warmup is None else args.warmup
     for name in ("crop", "batch", "num_labels", "repeats", "threads"):
         if getattr(args, name) < 1:
