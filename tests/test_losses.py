@@ -49,6 +49,25 @@ def test_pseudo_labels_equal_argmax_including_ties():
     assert not pseudo_labels(logits.requires_grad_()).requires_grad
 
 
+@pytest.mark.parametrize("num_classes", [1, 2, 21, 300])
+def test_pseudo_labels_are_the_indices_of_max_for_every_value(num_classes):
+    """The CPU path (amax and weights) gives exactly max(dim=1).indices: ties, infinities, signed
+    zeros, NaN (reported by max itself), low precision, any memory layout."""
+    g = torch.Generator().manual_seed(num_classes)
+    logits = torch.randint(-2, 3, (3, num_classes, 6, 7), generator=g).float()  # many ties
+    logits[0, -1, 0, 0] = float("inf")
+    logits[1, :, 1, 1] = float("-inf")
+    logits[1, :, 2, 2] = 0.0
+    logits[1, 0, 2, 2] = -0.0
+    views = [logits, logits.to(torch.bfloat16), logits.to(memory_format=torch.channels_last),
+             logits[:, :, ::2], torch.randn(2, num_classes, 5, 4, generator=g)]
+    with_nan = logits.clone()
+    with_nan[2, num_classes // 2, 3, 3] = float("nan")
+    for tensor in [*views, with_nan]:
+        result = pseudo_labels(tensor)
+        assert result.dtype == torch.int64 and torch.equal(result, tensor.max(dim=1).indices)
+
+
 def test_cps_loss_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="same shape"):
         cps_loss(torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 5))
