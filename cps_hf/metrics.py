@@ -362,5 +362,5 @@ def _chunk_histogram(pred, columns, num_labels, num_columns, index_dtype):
     index = pred.to(index_dtype, copy=True)  # never write into the input
     if columns.dtype not in (torch.uint8, index_dtype):
         columns = columns.to(index_dtype)  # mixed-dtype in-place adds are ~30x slower
-    index.mul_(num_columns).add_(columns)
+    torch.add(columns, index, alpha=num_columns, out=index)  # one pass for index * num_columns + column
     return torch.bincount(index, minlength=num_labels * num_columns).view(num_labels, num_columns)
