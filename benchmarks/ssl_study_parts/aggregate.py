@@ -53,8 +53,9 @@ def kept_fractions(log_path: Path) -> dict[str, float] | None:
     return {key.removeprefix("pseudo_kept_u").lstrip("/") or "all": statistics.fmean(v) for key, v in values.items()}
 
 
-def collect(runs: list[Run], batch: int) -> list[dict]:
-    """One entry per finished run: scores, per-class IoU, cost."""
+def collect(runs: list[Run], batch: int, variants: dict = VARIANTS) -> list[dict]:
+    """One entry per finished run: scores, per-class IoU, cost. `variants`: the study's table of methods
+    (another study, e.g. benchmarks/msrc_study.py, passes its own)."""
     rows = []
     for run in runs:
         results_file = run.folder / "all_results.json"
@@ -68,7 +69,7 @@ def collect(runs: list[Run], batch: int) -> list[dict]:
             "mean_iou": results["eval_mean_iou"], "best_mean_iou": results.get("best_eval_mean_iou"),
             "per_class_iou": results["eval_per_category_iou"], "num_labeled": results.get("num_labeled"),
             "steps": results.get("final_step"),
-            "seconds_per_step": seconds_per_step(run.folder / "log.jsonl", VARIANTS[run.variant][0], batch),
+            "seconds_per_step": seconds_per_step(run.folder / "log.jsonl", variants[run.variant][0], batch),
             "pseudo_kept": kept_fractions(run.folder / "log.jsonl"),
             "max_rss_mib": max((a["max_rss_mib"] for a in attempts), default=None),
             "wall_seconds": sum(a["wall_seconds"] for a in attempts) if attempts else None,
@@ -82,7 +83,7 @@ def _stats(values: list[float]) -> dict:
             "min": min(values), "max": max(values), "n": len(values)}
 
 
-def aggregate(rows: list[dict], class_names: list[str]) -> dict:
+def aggregate(rows: list[dict], class_names: list[str], variants: dict = VARIANTS) -> dict:
     """Per (fraction, variant): mIoU stats, per-seed values, paired differences to supervised, per-class
     means and changes; per variant: cost ratios to supervised."""
     table = {}
@@ -112,7 +113,7 @@ def aggregate(rows: list[dict], class_names: list[str]) -> dict:
             "pseudo_kept": _mean_kept([row.get("pseudo_kept") for row in seeds.values()]),
         }
     cost = {}
-    for variant in VARIANTS:
+    for variant in variants:
         times = [r["seconds_per_step"] for r in rows if r["variant"] == variant and r["fraction"] != REFERENCE
                  and r["seconds_per_step"]]
         memory = [r["max_rss_mib"] for r in rows if r["variant"] == variant and r["fraction"] != REFERENCE

@@ -33,12 +33,13 @@ def ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
-def method_rows(table: dict, cost: dict, fractions: list[str], wins_column: bool) -> list[str]:
+def method_rows(table: dict, cost: dict, fractions: list[str], wins_column: bool,
+                variants: dict = VARIANTS) -> list[str]:
     """One table row per method: mean ± std and paired Δ per fraction, then cost ratios. With `wins_column`
     (results.md) the wins get their own column and memory is shown; without (the README) the wins follow Δ in
     brackets and only time is shown."""
     rows = []
-    for variant in VARIANTS:
+    for variant in variants:
         if not any(variant in table[f] for f in fractions):
             continue
         cells = ""
@@ -53,15 +54,19 @@ def method_rows(table: dict, cost: dict, fractions: list[str], wins_column: bool
             cells += (f" {mean_spread(cell['miou'])} | {shown} | {wins} |" if wins_column
                       else f" {mean_spread(cell['miou'])} | {shown}{f' ({wins})' if wins else ''} |")
         entry = cost.get(variant, {})
-        rows.append(f"| {VARIANTS[variant][2]} |{cells} {ratio(entry.get('time_ratio'))} |"
+        rows.append(f"| {variants[variant][2]} |{cells} {ratio(entry.get('time_ratio'))} |"
                     + (f" {ratio(entry.get('memory_ratio'))} |" if wins_column else ""))
     return rows
 
 
-def findings(summary: dict, class_names: list[str], brief: bool = False) -> list[str]:
+def findings(summary: dict, class_names: list[str], brief: bool = False, variants: dict = VARIANTS,
+             family: tuple = CPS_FAMILY, background: bool = True) -> list[str]:
     """Plain statements generated from the numbers: what wins, where CPS does not, which classes move.
-    `brief` (the README): per-seed and per-class statements for CPS and CPS + CutMix only."""
+    `brief` (the README): per-seed and per-class statements for CPS and CPS + CutMix only; otherwise for
+    every method of `family`. `variants`: the study's table of methods (labels). `background`: the first
+    class is background, which the per-class statements leave out."""
     table, lines = summary["table"], []
+    named = class_names[1:] if background else class_names
     for fraction in ordered_fractions(table):
         cells = table[fraction]
         if "supervised" not in cells:
@@ -75,16 +80,16 @@ def findings(summary: dict, class_names: list[str], brief: bool = False) -> list
                          f"{mean_spread(sup['miou'])}{swing}")
         else:
             paired = pct(cells[best]["paired_delta"]["mean"], True)
-            lines.append(f"At {fraction} ({sup['num_labeled']} labeled images) the best mean is {VARIANTS[best][2]} "
+            lines.append(f"At {fraction} ({sup['num_labeled']} labeled images) the best mean is {variants[best][2]} "
                          f"({mean_spread(cells[best]['miou'])}, {paired} paired) against supervised "
                          f"{mean_spread(sup['miou'])}{swing}")
         counts = list(((summary.get("labeled_objects") or {}).get(fraction) or {}).items())
-        absent = [f"{name} (seed {seed})" for seed, c in counts if c for name in class_names[1:]
+        absent = [f"{name} (seed {seed})" for seed, c in counts if c for name in named
                   if sum(c[name].values()) == 0]
         if absent:
             lines.append(f"At {fraction} some labeled subsets hold no object of a class, which no method can then "
                          f"learn (no label names it): {', '.join(absent)}.")
-        unlearnt = [name for name in class_names[1:]
+        unlearnt = [name for name in named
                     if all(cell["per_class_iou"][name] < 0.10 for cell in cells.values())]
         if unlearnt:
             described = []
@@ -97,16 +102,16 @@ def findings(summary: dict, class_names: list[str], brief: bool = False) -> list
                   and cells[v]["paired_delta"]["mean"] <= 0]
         if behind:
             lines.append(f"At {fraction}, no better than supervised on average: "
-                         + ", ".join(f"{VARIANTS[v][2]} ({pct(cells[v]['paired_delta']['mean'], True)})"
+                         + ", ".join(f"{variants[v][2]} ({pct(cells[v]['paired_delta']['mean'], True)})"
                                      for v in behind)
                          + ".")
-        for variant in (("cps", "cps_cutmix") if brief else CPS_FAMILY):
+        for variant in (("cps", "cps_cutmix") if brief else family):
             cell = cells.get(variant)
             if not cell or not cell["per_seed_delta"]:
                 continue
             losses = [seed for seed, delta in cell["per_seed_delta"].items() if delta <= 0]
             if losses:
-                lines.append(f"{VARIANTS[variant][2]} at {fraction} is not above supervised on seed(s) "
+                lines.append(f"{variants[variant][2]} at {fraction} is not above supervised on seed(s) "
                              f"{', '.join(str(s) for s in losses)} (paired differences "
                              + ", ".join(f"{pct(d, True)}" for d in cell["per_seed_delta"].values()) + ").")
             if cell["per_class_delta"]:
@@ -116,32 +121,32 @@ def findings(summary: dict, class_names: list[str], brief: bool = False) -> list
                     sup_seed = sup["per_seed_per_class"].get(seed)
                     if sup_seed:
                         erased += [f"{name} on seed {seed} ({pct(sup_seed[name])} -> {pct(per_class[name])})"
-                                   for name in class_names[1:] if sup_seed[name] - per_class[name] >= 0.10]
+                                   for name in named if sup_seed[name] - per_class[name] >= 0.10]
                 if hurt:
-                    lines.append(f"{VARIANTS[variant][2]} at {fraction} lowers the mean IoU of "
+                    lines.append(f"{variants[variant][2]} at {fraction} lowers the mean IoU of "
                                  + ", ".join(f"{n} ({pct(d, True)})" for n, d in hurt) + ".")
                 if erased:
-                    lines.append(f"{VARIANTS[variant][2]} at {fraction} loses 10+ IoU points against supervised on "
+                    lines.append(f"{variants[variant][2]} at {fraction} loses 10+ IoU points against supervised on "
                                  + "; ".join(erased) + ".")
-    lines += consistency_findings(table) + ceiling_findings(table)
+    lines += consistency_findings(table, variants) + ceiling_findings(table)
     if not lines:
         lines.append("No finished supervised runs to compare against yet.")
     return lines
 
 
-def consistency_findings(table: dict) -> list[str]:
+def consistency_findings(table: dict, variants: dict = VARIANTS) -> list[str]:
     """Which methods beat supervised on every seed at every fraction: the only wins that do not hang on one
     labeled subset."""
     fractions = ordered_fractions(table)
     totals = {}
-    for variant in VARIANTS:
+    for variant in variants:
         cells = [table[f].get(variant) for f in fractions]
         if variant == "supervised" or not all(cell and cell["compared_seeds"] for cell in cells):
             continue
         totals[variant] = (sum(cell["wins"] for cell in cells), sum(cell["compared_seeds"] for cell in cells))
     if not totals:
         return []
-    always = [f"{VARIANTS[v][2]} ({won}/{compared})" for v, (won, compared) in totals.items() if won == compared]
+    always = [f"{variants[v][2]} ({won}/{compared})" for v, (won, compared) in totals.items() if won == compared]
     where = " and ".join(fractions)
     if not always:
         return [f"No method is above supervised on every seed at {where}."]
@@ -186,24 +191,102 @@ def settings_text(setting: dict, data_root: Path) -> list[str]:
     ]
 
 
+def seed_rows(table: dict, fractions: list[str], variants: dict = VARIANTS) -> list[str]:
+    """The every-seed table: mIoU (%) per seed, in brackets the paired difference to supervised."""
+    seeds = sorted({s for f in table for cell in table[f].values() for s in cell["per_seed"]})
+    out = ["| method | labels |" + "".join(f" seed {s} |" for s in seeds), "|---|---|" + "---|" * len(seeds)]
+    for f in fractions:
+        for variant in variants:
+            cell = table[f].get(variant)
+            if not cell:
+                continue
+            values = ""
+            for s in seeds:
+                value = cell["per_seed"].get(s)
+                delta = cell["per_seed_delta"].get(s) if variant != "supervised" else None
+                values += f" {pct(value)}{f' ({pct(delta, True)})' if delta is not None else ''} |"
+            out.append(f"| {variants[variant][2]} | {f} |{values}")
+    return out
+
+
+def per_class_rows(cells: dict, class_names: list[str], variants: dict = VARIANTS) -> list[str]:
+    """One fraction's per-class table: supervised's IoU (%), every other method's mean change to it."""
+    out = ["| method |" + "".join(f" {n} |" for n in class_names), "|---|" + "---|" * len(class_names)]
+    for variant in variants:
+        cell = cells.get(variant)
+        if not cell:
+            continue
+        if variant == "supervised":
+            values = [pct(cell["per_class_iou"][n]) for n in class_names]
+        else:
+            deltas = cell["per_class_delta"]
+            values = [pct(deltas[n], True) if deltas else "-" for n in class_names]
+        out.append(f"| {variants[variant][2]} |" + "".join(f" {v} |" for v in values))
+    return out
+
+
+def kept_section(table: dict, fractions: list[str], class_names: list[str], variants: dict = VARIANTS) -> list[str]:
+    """The thresholded runs' kept pseudo labels per class (a heading and a table), or nothing without one."""
+    kept_rows = [(f, variant, table[f][variant]["pseudo_kept"]) for f in fractions for variant in variants
+                 if table[f].get(variant) and table[f][variant].get("pseudo_kept")]
+    if not kept_rows:
+        return []
+    out = ["", "## Pseudo labels kept by the threshold, per class (%)", "",
+           "Over the second half of training, mean over seeds: of the unlabeled pixels the networks' argmax "
+           "gives a class, the share whose confidence passes the threshold (`pseudo_kept_u/<class>` in each "
+           "run's log.jsonl); all: every pixel. A class kept far less often than the others is the one the "
+           "threshold starves.", "",
+           "| method | labels | all |" + "".join(f" {n} |" for n in class_names),
+           "|---|---|---|" + "---|" * len(class_names)]
+    for f, variant, kept in kept_rows:
+        out.append(f"| {variants[variant][2]} | {f} | {pct(kept.get('all'))} |"
+                   + "".join(f" {pct(kept.get(n))} |" for n in class_names))
+    return out
+
+
+def cost_rows(cost: dict, variants: dict = VARIANTS) -> list[str]:
+    """The cost table: seconds per step and peak memory, each with its ratio to supervised."""
+    out = ["| method | s/step | ratio | peak memory (MiB) | ratio |", "|---|---|---|---|---|"]
+    for variant, entry in cost.items():
+        seconds = entry.get("seconds_per_step")
+        memory = entry.get("max_rss_mib")
+        out.append(f"| {variants[variant][2]} | {'-' if seconds is None else f'{seconds:.3f}'} | "
+                   f"{ratio(entry.get('time_ratio'))} | {'-' if memory is None else f'{memory:.0f}'} | "
+                   f"{ratio(entry.get('memory_ratio'))} |")
+    return out
+
+
+def results_head(title: str, commands: dict, setting: dict, settings_lines: list[str], missing: list[str],
+                 score: str) -> list[str]:
+    """results.md's opening: the title, the commands that made it, the settings, what is missing, and the main
+    table's heading (`score`: which images it is measured on)."""
+    out = [f"# {title}", "",
+           f"Made by `{commands['study']}`; tables and figures regenerated from the finished runs by "
+           f"`{commands['report']}`. Setting `{commands['setting']}`: {setting['purpose']}.", ""]
+    out += settings_lines + [""]
+    if missing:
+        out += [f"**Incomplete**: {len(missing)} run(s) not finished: " + ", ".join(missing) + ".", ""]
+    return out + [f"## {score} mIoU (%)", "",
+                  "Mean ± standard deviation over seeds; Δ: mean paired difference to supervised (same seed, same "
+                  "labeled images); wins: seeds where the method is above supervised. Time and memory: per training "
+                  "step and peak resident memory of the run's process, as ratios to supervised.", ""]
+
+
+def results_table(table: dict, cost: dict, fractions: list[str], variants: dict = VARIANTS) -> list[str]:
+    """results.md's main table: every method's mean ± std, paired Δ and wins per fraction, cost ratios."""
+    labels = {f: table[f].get("supervised", next(iter(table[f].values())))["num_labeled"] for f in fractions}
+    return (["| method |" + "".join(f" {f} ({labels[f]} labels) | Δ | wins |" for f in fractions)
+             + " time/step | memory |", "|---|" + "---|---|---|" * len(fractions) + "---|---|"]
+            + method_rows(table, cost, fractions, wins_column=True, variants=variants))
+
+
 def results_markdown(summary: dict, setting: dict, class_names: list[str], commands: dict, data_root: Path,
                      missing: list[str]) -> str:
     table, cost = summary["table"], summary["cost"]
     fractions = ordered_fractions(table)
-    out = ["# Semi-supervised methods on generated scenes: the study", "",
-           f"Made by `{commands['study']}`; tables and figures regenerated from the finished runs by "
-           f"`{commands['report']}`. Setting `{commands['setting']}`: {setting['purpose']}.", ""]
-    out += settings_text(setting, data_root) + [""]
-    if missing:
-        out += [f"**Incomplete**: {len(missing)} run(s) not finished: " + ", ".join(missing) + ".", ""]
-    out += ["## Validation mIoU (%)", "",
-            "Mean ± standard deviation over seeds; Δ: mean paired difference to supervised (same seed, same "
-            "labeled images); wins: seeds where the method is above supervised. Time and memory: per training "
-            "step and peak resident memory of the run's process, as ratios to supervised.", ""]
-    labels = {f: table[f].get("supervised", next(iter(table[f].values())))["num_labeled"] for f in fractions}
-    out += ["| method |" + "".join(f" {f} ({labels[f]} labels) | Δ | wins |" for f in fractions)
-            + " time/step | memory |", "|---|" + "---|---|---|" * len(fractions) + "---|---|"]
-    out += method_rows(table, cost, fractions, wins_column=True)
+    out = results_head("Semi-supervised methods on generated scenes: the study", commands, setting,
+                       settings_text(setting, data_root), missing, "Validation")
+    out += results_table(table, cost, fractions)
     if REFERENCE in table and "supervised" in table[REFERENCE]:
         out += ["", f"Ceiling: supervised on all {table[REFERENCE]['supervised']['num_labeled']} labels: "
                     f"{mean_spread(table[REFERENCE]['supervised']['miou'])} (seeds "
@@ -214,19 +297,7 @@ def results_markdown(summary: dict, setting: dict, class_names: list[str], comma
     out += [f"- Differences smaller than the seed spread are not evidence: {seed_count} seed{'s' * (seed_count != 1)}, "
             "one generated data set, one budget.", ""]
     out += ["## Every seed", "", "mIoU (%) per seed; in brackets the paired difference to supervised.", ""]
-    seeds = sorted({s for f in table for cell in table[f].values() for s in cell["per_seed"]})
-    out += ["| method | labels |" + "".join(f" seed {s} |" for s in seeds), "|---|---|" + "---|" * len(seeds)]
-    for f in fractions + ([REFERENCE] if REFERENCE in table else []):
-        for variant in VARIANTS:
-            cell = table[f].get(variant)
-            if not cell:
-                continue
-            values = ""
-            for s in seeds:
-                value = cell["per_seed"].get(s)
-                delta = cell["per_seed_delta"].get(s) if variant != "supervised" else None
-                values += f" {pct(value)}{f' ({pct(delta, True)})' if delta is not None else ''} |"
-            out.append(f"| {VARIANTS[variant][2]} | {f} |{values}")
+    out += seed_rows(table, fractions + ([REFERENCE] if REFERENCE in table else []))
     counts = summary.get("labeled_objects") or {}
     for f in fractions:
         per_seed = {seed: c for seed, c in (counts.get(f) or {}).items() if c}
@@ -245,30 +316,8 @@ def results_markdown(summary: dict, setting: dict, class_names: list[str], comma
             continue
         out += ["", f"## Per class at {f}: IoU change against supervised (points, mean over seeds)", "",
                 "The supervised row is its IoU (%); the others are differences to it.", ""]
-        out += ["| method |" + "".join(f" {n} |" for n in class_names), "|---|" + "---|" * len(class_names)]
-        for variant in VARIANTS:
-            cell = table[f].get(variant)
-            if not cell:
-                continue
-            if variant == "supervised":
-                values = [pct(cell["per_class_iou"][n]) for n in class_names]
-            else:
-                deltas = cell["per_class_delta"]
-                values = [pct(deltas[n], True) if deltas else "-" for n in class_names]
-            out.append(f"| {VARIANTS[variant][2]} |" + "".join(f" {v} |" for v in values))
-    kept_rows = [(f, variant, table[f][variant]["pseudo_kept"]) for f in fractions for variant in VARIANTS
-                 if table[f].get(variant) and table[f][variant].get("pseudo_kept")]
-    if kept_rows:
-        out += ["", "## Pseudo labels kept by the threshold, per class (%)", "",
-                "Over the second half of training, mean over seeds: of the unlabeled pixels the networks' argmax "
-                "gives a class, the share whose confidence passes the threshold (`pseudo_kept_u/<class>` in each "
-                "run's log.jsonl); all: every pixel. A class kept far less often than the others is the one the "
-                "threshold starves.", "",
-                "| method | labels | all |" + "".join(f" {n} |" for n in class_names),
-                "|---|---|---|" + "---|" * len(class_names)]
-        for f, variant, kept in kept_rows:
-            out.append(f"| {VARIANTS[variant][2]} | {f} | {pct(kept.get('all'))} |"
-                       + "".join(f" {pct(kept.get(n))} |" for n in class_names))
+        out += per_class_rows(table[f], class_names)
+    out += kept_section(table, fractions, class_names)
     base_memory = (cost.get("supervised") or {}).get("max_rss_mib")
     out += ["", "## Cost", "",
             "Median over runs; seconds per step from the trainer's log (evaluation excluded), peak resident "
@@ -276,13 +325,7 @@ def results_markdown(summary: dict, setting: dict, class_names: list[str], comma
             + (f" At this network size most of the memory is the libraries (supervised peaks at {base_memory:.0f} "
                "MiB), so the memory ratios stay near 1; with a large network on a GPU the activations of the extra "
                "networks and batches dominate." if base_memory else ""), "",
-            "| method | s/step | ratio | peak memory (MiB) | ratio |", "|---|---|---|---|---|"]
-    for variant, entry in cost.items():
-        seconds = entry.get("seconds_per_step")
-        memory = entry.get("max_rss_mib")
-        out.append(f"| {VARIANTS[variant][2]} | {'-' if seconds is None else f'{seconds:.3f}'} | "
-                   f"{ratio(entry.get('time_ratio'))} | {'-' if memory is None else f'{memory:.0f}'} | "
-                   f"{ratio(entry.get('memory_ratio'))} |")
+            *cost_rows(cost)]
     shown = summary.get("predictions")
     if shown:
         out += ["", "## Predictions", "", "![predictions](predictions.png)", "",
@@ -327,12 +370,13 @@ def summary_markdown(summary: dict, setting: dict, class_names: list[str], comma
 
 
 
-def update_readme(readme: Path, fragment: str) -> None:
+def update_readme(readme: Path, fragment: str, begin: str = README_BEGIN, end: str = README_END) -> None:
+    """Replace the block between the `begin` and `end` lines (this study's markers unless given) by `fragment`."""
     text = readme.read_text()
-    if README_BEGIN not in text or README_END not in text:
+    if begin not in text or end not in text:
         raise UserInputError(f"{readme}: no block to replace; put these two lines where the summary goes:\n"
-                             f"{README_BEGIN}\n{README_END}")
-    head, rest = text.split(README_BEGIN, 1)
-    tail = rest.split(README_END, 1)[1]
+                             f"{begin}\n{end}")
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
     readme.write_text(head + fragment.rstrip("\n") + tail)
 

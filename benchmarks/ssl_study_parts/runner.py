@@ -150,16 +150,17 @@ def execute(run: Run, env: dict) -> dict:
     return record
 
 
-def train_all(runs: list[Run], jobs: int) -> list[Run]:
+def train_all(runs: list[Run], jobs: int, variants: dict = VARIANTS) -> list[Run]:
     """Train every unfinished run, `jobs` at a time; return those that did not finish. Ctrl-C stops
-    the running trainers (each keeps its last checkpoint) and starts no more."""
+    the running trainers (each keeps its last checkpoint) and starts no more. `variants`: the study's
+    table of methods (for the cost order)."""
     python_path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": python_path}
     todo = [run for run in runs if not (run.folder / "all_results.json").is_file()]
     say(f"{len(runs) - len(todo)} of {len(runs)} runs already finished; {len(todo)} to train with {jobs} job(s)")
     # The costliest first, so two jobs end together; the order never changes a result.
-    todo.sort(key=lambda r: -COST_GUESS.get(VARIANTS[r.variant][0], 1.0))
+    todo.sort(key=lambda r: -COST_GUESS.get(variants[r.variant][0], 1.0))
     pool = ThreadPoolExecutor(max_workers=max(1, jobs))
     try:
         list(pool.map(lambda r: execute(r, env), todo))
