@@ -9,9 +9,14 @@ For `cps` and `cps_cutmix` this times, in the same process and on the same netwo
   batches, plus (CutMix) the no-grad forwards that make the pseudo labels. The backward of a
   pass starts from a prepared gradient, so no loss is computed there.
 
+The method is built as the trainer builds it by default (class names, the erasure alarm's per-class
+shares logged every step).
+
 step_over_passes is the median over repeats of step / (sum of that repeat's passes); the JSON
-also gives the ratio of the medians and of the minima. Everything the step adds to the networks'
-own work (losses, argmax, mixing, optimizer, logging) is overhead; the goal is <= 1.10.
+also gives the ratio of the medians and of the minima, and on CPU the same median in process CPU
+time (`cpu_step_over_passes`), which another job on a shared machine stretches less than wall time.
+Everything the step adds to the networks' own work (losses, argmax, mixing, optimizer, logging) is
+overhead; the goal is <= 1.10.
 
     python benchmarks/step_efficiency.py --quick     # < 1 min on 2 CPU cores (1 torch thread)
     python benchmarks/step_efficiency.py --crop 512 --batch 8 --device cuda
@@ -64,8 +69,12 @@ def parse_args(argv=None):
     return args
 
 
+def class_names(args) -> list[str]:
+    return [f"class_{i}" for i in range(args.num_labels)]
+
+
 def build_models(args) -> list[CPSForSemanticSegmentation]:
-    labels = [f"class_{i}" for i in range(args.num_labels)]
+    labels = class_names(args)
     config = CPSConfig(
         backbone=args.backbone,
         num_labels=args.num_labels,
@@ -149,6 +158,13 @@ def make_passes(method_name: str, models, batch) -> dict[str, callable]:
     return passes
 
 
+def timed_with_cpu(fn, device) -> tuple[float, float]:
+    """Wall and process CPU seconds of one call."""
+    cpu = time.process_time()
+    wall = timed(fn, device)
+    return wall, time.process_time() - cpu
+
+
 def timed(fn, device) -> float:
     synchronize(device)
     start = time.perf_counter()
@@ -164,7 +180,8 @@ def synchronize(device) -> None:
 
 def measure(method_name: str, args) -> dict:
     models = build_models(args)
-    method = build_method(method_name, cross_entropy, cps_weight=CPS_WEIGHTS[method_name])
+    method = build_method(method_name, cross_entropy, cps_weight=CPS_WEIGHTS[method_name],
+                          class_names=class_names(args), class_shares=True)
     optimizer = build_optimizer(models, lr=0.0025, weight_decay=4e-4)
     total_steps = 10 * (args.warmup + args.repeats)
     scheduler = poly_schedule(optimizer, total_steps=total_steps)
@@ -172,34 +189,37 @@ def measure(method_name: str, args) -> dict:
     training_step = make_training_step(method, models, optimizer, scheduler, batch, args.device)
     passes = make_passes(method_name, models, batch)
 
-    step_times, pass_times = [], {name: [] for name in passes}
+    step_times, pass_times = [], {name: [] for name in passes}  # (wall, cpu) seconds
     for repeat in range(args.warmup + args.repeats):
         # Alternate which comes first so slow drift (other processes, clocks) hits both alike.
         if repeat % 2:
-            times = {name: timed(run, args.device) for name, run in passes.items()}
+            times = {name: timed_with_cpu(run, args.device) for name, run in passes.items()}
             optimizer.zero_grad(set_to_none=True)  # the passes' gradients are not used
-            step_time = timed(training_step, args.device)
+            step_time = timed_with_cpu(training_step, args.device)
         else:
-            step_time = timed(training_step, args.device)
-            times = {name: timed(run, args.device) for name, run in passes.items()}
+            step_time = timed_with_cpu(training_step, args.device)
+            times = {name: timed_with_cpu(run, args.device) for name, run in passes.items()}
             optimizer.zero_grad(set_to_none=True)
         if repeat >= args.warmup:
             step_times.append(step_time)
             for name, t in times.items():
                 pass_times[name].append(t)
 
-    passes_per_repeat = [sum(ts) for ts in zip(*pass_times.values())]
-    paired_ratios = [step / passes_sum for step, passes_sum in zip(step_times, passes_per_repeat)]
-    step, passes_total = statistics.median(step_times), statistics.median(passes_per_repeat)
+    passes_per_repeat = [tuple(map(sum, zip(*ts))) for ts in zip(*pass_times.values())]
+    paired_ratios = [step[0] / passes_sum[0] for step, passes_sum in zip(step_times, passes_per_repeat)]
+    cpu_ratios = [step[1] / passes_sum[1] for step, passes_sum in zip(step_times, passes_per_repeat)]
+    step_walls, pass_walls = [t[0] for t in step_times], [t[0] for t in passes_per_repeat]
+    step, passes_total = statistics.median(step_walls), statistics.median(pass_walls)
     return {
         "step_s": step,
         "passes_s": passes_total,
-        "per_pass_s": {name: statistics.median(ts) for name, ts in pass_times.items()},
+        "per_pass_s": {name: statistics.median(t[0] for t in ts) for name, ts in pass_times.items()},
         # Median of the per-repeat ratios: each ratio compares a step with the passes timed right
         # next to it, which keeps it stable on a shared, noisy machine.
         "step_over_passes": statistics.median(paired_ratios),
         "ratio_of_medians": step / passes_total,
-        "ratio_of_mins": min(step_times) / min(passes_per_repeat),
+        "ratio_of_mins": min(step_walls) / min(pass_walls),
+        "cpu_step_over_passes": statistics.median(cpu_ratios),
     }
 
 
@@ -213,7 +233,7 @@ def main(argv=None):
         r = results[name]
         print(
             f"{name:>10}: step {r['step_s'] * 1e3:8.1f} ms | passes {r['passes_s'] * 1e3:8.1f} ms "
-            f"| step/passes {r['step_over_passes']:.3f}",
+            f"| step/passes {r['step_over_passes']:.3f} (CPU time {r['cpu_step_over_passes']:.3f})",
             flush=True,
         )
     ratios = {name: round(r["step_over_passes"], 4) for name, r in results.items()}
@@ -227,6 +247,8 @@ def main(argv=None):
         "passes_ms": {name: round(r["passes_s"] * 1e3, 2) for name, r in results.items()},
         "ratio_of_medians": {name: round(r["ratio_of_medians"], 4) for name, r in results.items()},
         "ratio_of_mins": {name: round(r["ratio_of_mins"], 4) for name, r in results.items()},
+        **({"cpu_step_over_passes": {name: round(r["cpu_step_over_passes"], 4) for name, r in results.items()}}
+           if torch.device(args.device).type == "cpu" else {}),
         "device": str(args.device),
         "torch_threads": torch.get_num_threads(),
         "backbone": args.backbone,
