@@ -165,6 +165,12 @@ class CPSTrainingConfig:
     erasure_alarm_patience: int = field(
         default=3, metadata={"help": "Erasure alarm: logging windows in a row below the fraction before it warns."}
     )
+    erasure_alarm_after: float = field(
+        default=0.2,
+        metadata={"help": "Erasure alarm: judge only windows after this fraction of the training steps (early on, a "
+                  "network labels nearly everything as its largest class; in the study the alarm rang then for "
+                  "classes that recovered). 0: from the first window."},
+    )
     cutmix_num_boxes: int | None = field(
         default=None,
         metadata={"help": "CutMix methods: boxes per mask; unset: the method's (3 for the CPS family, as CPS's code; "
@@ -379,6 +385,8 @@ class CPSTrainingConfig:
             raise ConfigError(f"--cps_weight_rampup_epochs must be >= 0, got {self.cps_weight_rampup_epochs}")
         if not 0 <= self.erasure_alarm_fraction < 1:
             raise ConfigError(f"--erasure_alarm_fraction must be in [0, 1) (0: off), got {self.erasure_alarm_fraction}")
+        if not 0 <= self.erasure_alarm_after < 1:
+            raise ConfigError(f"--erasure_alarm_after must be in [0, 1), got {self.erasure_alarm_after}")
         if self.erasure_alarm_patience < 1:
             raise ConfigError(f"--erasure_alarm_patience must be >= 1, got {self.erasure_alarm_patience}")
         if self.pseudo_label_class_aware and not self.pseudo_label_threshold and self.method not in THRESHOLDED_METHODS:

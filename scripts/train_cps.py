@@ -249,7 +249,8 @@ def train(args, stop: InterruptAtStepEnd | None = None) -> dict:
     progress = TrainProgress()
     # followers (EMA teachers) and a method's own state (class-aware thresholds) are saved as custom state
     accelerator.register_for_checkpointing(streams, progress, *followers, *method.checkpoint_state())
-    alarm = ErasureAlarm(args.erasure_alarm_fraction, args.erasure_alarm_patience) if args.erasure_alarm_fraction else None
+    alarm = ErasureAlarm(args.erasure_alarm_fraction, args.erasure_alarm_patience,
+                         start_step=int(args.erasure_alarm_after * max_train_steps)) if args.erasure_alarm_fraction else None
     log = JsonlLog(output_dir / "log.jsonl", enabled=accelerator.is_main_process)
     nonfinite = NonFiniteGuard(args.skip_nonfinite_steps, accelerator, progress)
 

@@ -106,6 +106,15 @@ def test_a_recovering_or_nearly_unlabeled_class_does_not_ring():
         ErasureAlarm(fraction=1.5)
 
 
+def test_windows_before_the_start_step_are_logged_but_not_judged():
+    alarm = ErasureAlarm(fraction=0.25, patience=1, start_step=100)
+    _window(alarm, {"dog": 0.0}, {"dog": 0.1})
+    record, raised = alarm.end_window(step=50)
+    assert raised == [] and record["share_ratio/dog"] == 0.0
+    _window(alarm, {"dog": 0.0}, {"dog": 0.1})
+    assert len(alarm.end_window(step=100)[1]) == 1
+
+
 # ---- through the trainer -----------------------------------------------------------------------
 
 from test_train import demo_root, fresh_accelerate_state, tiny_args, train_cps  # noqa: E402,F401
@@ -118,7 +127,7 @@ def _records(out):
 def test_the_trainer_logs_shares_rings_the_alarm_and_resumes_class_aware_bars(demo_root, tmp_path):
     common = ("--method", "cps_cutmix", "--max_train_steps", "4", "--checkpointing_steps", "2",
               "--pseudo_label_threshold", "0.5", "--pseudo_label_class_aware",
-              "--erasure_alarm_fraction", "0.99", "--erasure_alarm_patience", "1")
+              "--erasure_alarm_fraction", "0.99", "--erasure_alarm_patience", "1", "--erasure_alarm_after", "0")
     out = tmp_path / "run"
     straight = train_cps.main(tiny_args(demo_root, out, *common))
     records = _records(out)
@@ -134,3 +143,29 @@ def test_the_trainer_logs_shares_rings_the_alarm_and_resumes_class_aware_bars(de
                                    "--erasure_alarm_fraction", "0"))
     assert off["final_step"] == 1
     assert not any(k.startswith("labeled_share/") for r in _records(tmp_path / "off") for k in r)
+
+
+def test_the_replay_counts_right_false_and_missed_alarms(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("replay", Path(__file__).resolve().parents[1] / "benchmarks"
+                                                  / "erasure_alarm_replay.py")
+    replay = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(replay)
+
+    def run(name, ious, windows):
+        folder = tmp_path / "1-16" / name
+        (folder / "model").mkdir(parents=True)
+        (folder / "model" / "config.json").write_text(json.dumps({"id2label": {"0": "bg", "1": "cat", "2": "dog"}}))
+        (folder / "all_results.json").write_text(json.dumps({"eval_per_category_iou": ious}))
+        lines = [{"step": 10 * (k + 1), "loss": 1.0, **{f"pseudo_share_u/{c}": v for c, v in shares.items()},
+                  **{f"labeled_share/{c}": 0.2 for c in shares}} for k, shares in enumerate(windows)]
+        (folder / "log.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+    run("supervised_seed0", [0.9, 0.5, 0.5], [])
+    (tmp_path / "1-16" / "supervised_seed0" / "log.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    low = {"bg": 0.8, "cat": 0.01, "dog": 0.01}
+    run("cps_seed0", [0.9, 0.2, 0.5], [low] * 5)  # cat dropped 30 points and was named; dog named, no drop
+    summary = replay.main(["--runs-dir", str(tmp_path), "--after", "0"])
+    assert (summary["runs"], summary["named_and_dropped"], summary["named_without_drop"],
+            summary["dropped_without_alarm"]) == (1, 1, 1, 0)
