@@ -27,8 +27,10 @@ def plot_miou(summary: dict, path: Path, title: str) -> Path:
     figure = Figure(figsize=(9.5, 5.2), dpi=110)
     FigureCanvasAgg(figure)
     axes = figure.add_axes([0.08, 0.11, 0.58, 0.8])
-    markers = "osD^v<>ph*XPd8H"
-    colors = [f"C{i}" for i in range(10)] + ["black", "#8c6d31", "#7b4173", "#637939", "#e7969c"]  # tab10, then more: no two alike
+    markers = "osD^v<>ph*XPd8H1234+x"
+    colors = [f"C{i}" for i in range(10)] + ["black", "#8c6d31", "#7b4173", "#637939", "#e7969c",
+                                             "#843c39", "#5254a3", "#8ca252", "#bd9e39",
+                                             "#e6550d", "#3182bd"]  # tab10, then more: no two alike
     variants = [v for v in VARIANTS if any(v in table[f] for f in fractions)]
     for index, variant in enumerate(variants):
         offset = (index - (len(variants) - 1) / 2) * 0.035

@@ -177,7 +177,8 @@ def train_all(runs: list[Run], jobs: int, variants: dict = VARIANTS) -> list[Run
 
 # Step cost per trainer --method, in supervised steps; a variant costs what its method costs.
 COST_GUESS = {"supervised": 1.0, "mean_teacher": 2.3, "mean_teacher_cutmix": 3.0, "sps": 2.0, "sps_cutmix": 2.7,
-              "cpc": 4.0, "cps": 4.0, "cps_cutmix": 4.5, "ncps": 6.0}
+              "cpc": 4.0, "cps": 4.0, "cps_cutmix": 4.5, "ncps": 6.0, "fixmatch": 2.5, "unimatch": 3.5, "unimatch_v2": 3.5,
+              "cps_strong": 6.0}
 
 
 def ensure_data(data_dir: Path, data: dict) -> Path:

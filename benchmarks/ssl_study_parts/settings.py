@@ -31,9 +31,23 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
     # UniMatch's normalisation with lambda 1.5: the kept-pixel mean's average weight (it keeps ~2/3 of the pixels)
     "cps_cutmix_t0.95_l1.5": ("cps_cutmix", ["--pseudo_label_threshold", "0.95", "--cps_weight", "1.5"],
                               "CPS + CutMix, threshold 0.95, lambda 1.5"),
+    # FlexMatch-style class-aware bars under the same 0.95 threshold: do the rare classes survive?
+    "cps_cutmix_t0.95_classaware": ("cps_cutmix", ["--pseudo_label_threshold", "0.95", "--pseudo_label_class_aware"],
+                                    "CPS + CutMix, threshold 0.95, class-aware bars"),
+    # weak-to-strong consistency as UniMatch's code runs it (0.95 threshold, same-image CutMix partners)
+    "fixmatch": ("fixmatch", [], "FixMatch (UniMatch's)"),
+    "fixmatch_ema": ("fixmatch", ["--ema_teacher"], "FixMatch with an EMA teacher (UniMatch V2's)"),
+    "unimatch": ("unimatch", [], "UniMatch"),
+    "unimatch_v2": ("unimatch_v2", [], "UniMatch V2 (its method on the study's CNN)"),
+    "cps_strong": ("cps_strong", [], "CPS across strong views"),
+    # the study's classes are hue families x tones: colour jitter and grayscale change what a pixel's class is
+    "unimatch_nocolour": ("unimatch", ["--strong_color_jitter_p", "0", "--strong_grayscale_p", "0"],
+                          "UniMatch, strong views without colour ops"),
+    "cps_strong_nocolour": ("cps_strong", ["--strong_color_jitter_p", "0", "--strong_grayscale_p", "0"],
+                            "CPS across strong views without colour ops"),
 }
 CPS_FAMILY = ("cps", "cps_cutmix", "ncps", "ncps_sum", "cps_cutmix_t0.95", "cps_cutmix_t0.95_kept",
-              "cps_cutmix_t0.95_l1.5")
+              "cps_cutmix_t0.95_l1.5", "cps_cutmix_t0.95_classaware", "cps_strong", "cps_strong_nocolour")
 FIGURE_VARIANTS = ("supervised", "mean_teacher_cutmix", "cps", "cps_cutmix")  # predictions.png columns
 REFERENCE = "all"  # the fraction tag of the supervised all-labels ceiling
 
