@@ -30,8 +30,10 @@ def log_class_shares(logs, name: str, labels: torch.Tensor, class_names: Sequenc
     the calls of one step with the same `name`); every class is logged, 0 where absent."""
     num_classes = len(class_names)
     with torch.no_grad():
-        valid = labels[labels != ignore_index].flatten()
-        counts = torch.bincount(valid[valid < num_classes], minlength=num_classes)[:num_classes]
+        labels = labels.flatten()
+        counted = (labels != ignore_index) & (labels < num_classes)
+        # every other value goes to an extra bin that is dropped: no boolean indexing (a copy and a sync)
+        counts = torch.bincount(torch.where(counted, labels, num_classes), minlength=num_classes + 1)[:num_classes]
         logs.add_counts(name, counts, counts.sum().expand(num_classes), class_names)
 
 
