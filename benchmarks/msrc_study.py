@@ -54,8 +54,6 @@ every command). Each names the command that made it.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -69,76 +67,34 @@ from msrc_study_parts.report import report  # noqa: E402
 from msrc_study_parts.runner import data_identity, plan_runs, selection  # noqa: E402
 from msrc_study_parts.settings import SETTINGS, VARIANTS  # noqa: E402
 from ssl_study_parts import REPO, say  # noqa: E402
+from ssl_study_parts.cli import add_study_arguments, chosen_setting, docs_link, finish_args, study_command  # noqa: E402
 from ssl_study_parts.markdown import update_readme  # noqa: E402
 from ssl_study_parts.runner import check_identity, read_record, train_all  # noqa: E402
 
 DEFAULT_DATA = "data/msrc"  # where docs/msrc.md's commands put it
 
 
-def study_command(args, report: bool) -> str:
-    """The command that makes (or, `report`, re-renders) this study; no --jobs for a report (it changes the wall
-    time only, never a result)."""
-    parts = ["python benchmarks/msrc_study.py"]
-    if args.data_root != DEFAULT_DATA:
-        parts.append(f"--data-root {args.data_root}")
-    if args.setting == "quick":
-        parts.append("--quick")
-    elif args.setting != "full":
-        parts.append(f"--setting {args.setting}")
-    for key in ("methods", "seeds"):
-        if getattr(args, key):
-            parts.append(f"--{key} " + " ".join(str(v) for v in getattr(args, key)))
-    for key in ("runs_dir", "docs_dir"):
-        if getattr(args, key):
-            parts.append(f"--{key.replace('_', '-')} {getattr(args, key)}")
-    parts.append("--report-only" if report else "--jobs 2")
-    return " ".join(parts)
-
-
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default=DEFAULT_DATA,
                         help="the MSRC-21 folder scripts/prepare_msrc.py wrote (default: %(default)s)")
-    parser.add_argument("--setting", choices=sorted(SETTINGS), default="full")
-    parser.add_argument("--quick", action="store_true", help="same as --setting quick: checks the pipeline in minutes")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="runs in parallel, one torch thread each (2 on 2 cores)")
-    parser.add_argument("--methods", nargs="+", choices=list(VARIANTS), help="a subset of the setting's methods")
-    parser.add_argument("--seeds", nargs="+", type=int, help="instead of the setting's seeds")
-    parser.add_argument("--runs-dir", help="run folders (default: the setting's, under outputs/)")
-    parser.add_argument("--docs-dir", help="where the report goes (default: docs/msrc_study for the full setting)")
-    parser.add_argument("--report-only", action="store_true", help="train nothing; report on the finished runs")
-    parser.add_argument("--readme-fragment", action="store_true",
-                        help="print summary.md (the README section) at the end")
-    parser.add_argument("--update-readme", metavar="README", help="replace the marked MSRC block in this file")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.setting = "quick"
-    if args.jobs < 1:
-        parser.error(f"--jobs must be >= 1, got {args.jobs}")
-    return args
+    add_study_arguments(parser, SETTINGS, VARIANTS, fractions=False, docs_default="docs/msrc_study", block="MSRC",
+                        runs_help="run folders (default: the setting's, under outputs/)")
+    return finish_args(parser, parser.parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    setting = json.loads(json.dumps(SETTINGS[args.setting]))  # a copy the overrides may change
-    for key in ("methods", "seeds"):
-        if getattr(args, key):
-            setting[key] = getattr(args, key)
-    if "supervised" not in setting["methods"]:
-        setting["methods"] = ["supervised", *setting["methods"]]  # every comparison is against it
+    setting = chosen_setting(SETTINGS, args)
     data_root = (REPO / DEFAULT_DATA if args.data_root == DEFAULT_DATA else Path(args.data_root)).resolve()
     data = data_identity(data_root)
     runs_dir = Path(args.runs_dir or REPO / setting["runs_dir"]).resolve()
     docs_dir = Path(args.docs_dir or REPO / setting["docs_dir"]).resolve()
-    commands = {"setting": args.setting, "study": study_command(args, report=False),
-                "report": study_command(args, report=True),
+    lead = () if args.data_root == DEFAULT_DATA else (f"--data-root {args.data_root}",)
+    commands = {"setting": args.setting, "study": study_command("msrc_study.py", args, report=False, lead=lead),
+                "report": study_command("msrc_study.py", args, report=True, lead=lead),
                 "invoked": " ".join(["python benchmarks/msrc_study.py", *argv])}
-    try:
-        docs_link = os.path.relpath(docs_dir, REPO)
-    except ValueError:
-        docs_link = str(docs_dir)
     for run in plan_runs(setting, runs_dir, data_root, data, None):  # refuse folders made with other settings
         check_identity(run, read_record(run.folder))                  # before choosing, training or reporting
     picked = selection(setting, runs_dir, data_root, data)
@@ -157,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                 check_identity(run, read_record(run.folder))
             failed += train_all(added, args.jobs, variants=VARIANTS)
         say(f"training finished in {time.perf_counter() - start:.0f} s; {len(failed)} run(s) failed")
-    report(runs, setting, args.setting, docs_dir, data_root, data, picked, commands, docs_link)
+    report(runs, setting, args.setting, docs_dir, data_root, data, picked, commands, docs_link(docs_dir))
     fragment = (docs_dir / "summary.md").read_text()
     if args.update_readme:
         update_readme(Path(args.update_readme), fragment, README_BEGIN, README_END)

@@ -58,8 +58,6 @@ command). Each names the command that made it.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -70,77 +68,35 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # its parts, ssl_study
 from cps_hf.cli import run_cli  # noqa: E402
 from cps_hf.errors import UserInputError  # noqa: E402
 from ssl_study_parts import REPO, say  # noqa: E402
+from ssl_study_parts.cli import add_study_arguments, chosen_setting, docs_link, finish_args, study_command  # noqa: E402
 from ssl_study_parts.markdown import update_readme  # noqa: E402
 from ssl_study_parts.report import report  # noqa: E402
 from ssl_study_parts.runner import check_identity, ensure_data, plan_runs, read_record, train_all  # noqa: E402
 from ssl_study_parts.settings import SETTINGS, VARIANTS, fraction_value  # noqa: E402
 
 
-def study_command(args, report: bool) -> str:
-    """The command that makes (or, `report`, re-renders) this study: setting and overrides, no --jobs
-    for a report (--jobs changes the wall time only, never a result)."""
-    parts = ["python benchmarks/ssl_study.py"]
-    if args.setting == "quick":
-        parts.append("--quick")
-    elif args.setting != "full":
-        parts.append(f"--setting {args.setting}")
-    for key in ("methods", "seeds", "fractions"):
-        if getattr(args, key):
-            parts.append(f"--{key} " + " ".join(str(v) for v in getattr(args, key)))
-    for key in ("runs_dir", "docs_dir"):
-        if getattr(args, key):
-            parts.append(f"--{key.replace('_', '-')} {getattr(args, key)}")
-    parts.append("--report-only" if report else "--jobs 2")
-    return " ".join(parts)
-
-
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--setting", choices=sorted(SETTINGS), default="full")
-    parser.add_argument("--quick", action="store_true", help="same as --setting quick: checks the pipeline in minutes")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="runs in parallel, one torch thread each (2 on 2 idle cores)")
-    parser.add_argument("--methods", nargs="+", choices=list(VARIANTS), help="a subset of the setting's methods")
-    parser.add_argument("--seeds", nargs="+", type=int, help="instead of the setting's seeds")
-    parser.add_argument("--fractions", nargs="+", help="instead of the setting's label fractions, e.g. 1/8")
-    parser.add_argument("--runs-dir", help="run folders and the generated data (default: the setting's)")
-    parser.add_argument("--docs-dir", help="where the report goes (default: docs/study for the full setting)")
-    parser.add_argument("--report-only", action="store_true", help="train nothing; report on the finished runs")
-    parser.add_argument("--readme-fragment", action="store_true",
-                        help="print summary.md (the README section) at the end")
-    parser.add_argument("--update-readme", metavar="README", help="replace the marked summary block in this file")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.setting = "quick"
-    if args.jobs < 1:
-        parser.error(f"--jobs must be >= 1, got {args.jobs}")
-    return args
+    add_study_arguments(parser, SETTINGS, VARIANTS, fractions=True, docs_default="docs/study", block="summary",
+                        runs_help="run folders and the generated data (default: the setting's)")
+    return finish_args(parser, parser.parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    setting = json.loads(json.dumps(SETTINGS[args.setting]))  # a copy the overrides may change
-    for key in ("methods", "seeds", "fractions"):
-        if getattr(args, key):
-            setting[key] = getattr(args, key)
+    setting = chosen_setting(SETTINGS, args)
     for fraction in setting["fractions"]:
         try:
             assert 0 < fraction_value(fraction) <= 1
         except (ValueError, AssertionError, ZeroDivisionError):
             raise UserInputError(f"--fractions {fraction}: give fractions such as 1/16") from None
-    if "supervised" not in setting["methods"]:
-        setting["methods"] = ["supervised", *setting["methods"]]  # every comparison is against it
     runs_dir = Path(args.runs_dir or REPO / setting["runs_dir"]).resolve()
     docs_dir = Path(args.docs_dir or REPO / setting["docs_dir"]).resolve()
     data_root = runs_dir / "data"
-    commands = {"setting": args.setting, "study": study_command(args, report=False),
-                "report": study_command(args, report=True),
+    commands = {"setting": args.setting, "study": study_command("ssl_study.py", args, report=False),
+                "report": study_command("ssl_study.py", args, report=True),
                 "invoked": " ".join(["python benchmarks/ssl_study.py", *argv])}
-    try:
-        docs_link = os.path.relpath(docs_dir, REPO)
-    except ValueError:
-        docs_link = str(docs_dir)
     ensure_data(data_root, setting["data"])
     runs = plan_runs(setting, runs_dir, data_root)
     for run in runs:  # refuse folders made with other settings before training or reporting anything
@@ -150,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         failed = train_all(runs, args.jobs)
         say(f"training finished in {time.perf_counter() - start:.0f} s; {len(failed)} run(s) failed")
-    report(runs, setting, args.setting, docs_dir, data_root, commands, docs_link)
+    report(runs, setting, args.setting, docs_dir, data_root, commands, docs_link(docs_dir))
     fragment = (docs_dir / "summary.md").read_text()
     if args.update_readme:
         update_readme(Path(args.update_readme), fragment)
