@@ -13,6 +13,7 @@ from cps_hf.erasure_alarm import ErasureAlarm
 from cps_hf.losses import cross_entropy
 from cps_hf.methods import StepLogs, build_method
 from cps_hf.methods.class_shares import ClassAwareThreshold
+from repo_modules import load
 
 NAMES = ["bg", "cat", "dog"]
 
@@ -146,12 +147,7 @@ def test_the_trainer_logs_shares_rings_the_alarm_and_resumes_class_aware_bars(de
 
 
 def test_the_replay_counts_right_false_and_missed_alarms(tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("replay", Path(__file__).resolve().parents[1] / "benchmarks"
-                                                  / "erasure_alarm_replay.py")
-    replay = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(replay)
+    replay = load("benchmarks/erasure_alarm_replay.py")
 
     def run(name, ious, windows):
         folder = tmp_path / "1-16" / name

@@ -1,7 +1,6 @@
 """scripts/check_dataset.py finds every problem; the demo tree is deterministic per seed."""
 
 import hashlib
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -10,15 +9,12 @@ from PIL import Image
 
 from cps_hf.cli import run_cli
 from cps_hf.data import make_demo_voc
+from repo_modules import load
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load(f"scripts/{name}.py")
 
 
 def _digest(folder):

@@ -2,10 +2,8 @@
 validation images pick), its report, and a tiny end-to-end study on a generated MSRC-like folder dataset."""
 
 import importlib
-import importlib.util
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,19 +11,14 @@ import pytest
 from PIL import Image
 
 from cps_hf.errors import UserInputError
+from repo_modules import load
 
-ROOT = Path(__file__).resolve().parents[1]
 MSRC21 = ["building", "grass", "tree", "cow", "sheep", "sky", "aeroplane", "water", "face", "car", "bicycle",
           "flower", "sign", "bird", "book", "chair", "road", "cat", "dog", "body", "boat"]
 
 
 def _study():
-    if "msrc_study" not in sys.modules:  # loaded once; it makes its parts (and ssl_study_parts) importable
-        spec = importlib.util.spec_from_file_location("msrc_study", ROOT / "benchmarks" / "msrc_study.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["msrc_study"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["msrc_study"]
+    return load("benchmarks/msrc_study.py", register=True)  # once; it makes its parts (and ssl_study_parts) importable
 
 
 def _part(name: str):

@@ -3,7 +3,6 @@ step on a tiny network with the batch's precomputed strong views. With clones of
 PEER_UNIMATCH_PATH / PEER_TORCHSEMISEG_PATH, a one-repeat run of the whole benchmark (skipped otherwise).
 No timing is asserted."""
 
-import importlib.util
 import json
 import math
 import os
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from repo_modules import load
 from tiny_models import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,10 +22,7 @@ SCRIPT = ROOT / "benchmarks" / "peer_step.py"
 
 @pytest.fixture(scope="module")
 def peer_step():
-    spec = importlib.util.spec_from_file_location("peer_step", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load("benchmarks/peer_step.py")
 
 
 def _one_line_error(peer_step, argv, capsys) -> str:

@@ -4,7 +4,6 @@ check_dataset.py), and one clear error for a wrong or partial source tree, with 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import sys
@@ -16,17 +15,14 @@ from PIL import Image
 
 from cps_hf.cli import run_cli
 from cps_hf.data import DatasetError, load_image_folder
+from repo_modules import load
 
 savemat = pytest.importorskip("scipy.io").savemat
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load(f"scripts/{name}.py")
 
 
 msrc = _script("prepare_msrc")

@@ -1,7 +1,6 @@
 """scripts/self_train.py (paper Table 7) on a tiny generated VOC tree: the three stages end to end, pseudo
 labels equal to the stage-1 model's argmax, the stage-3 tree, skipping finished stages and resuming."""
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -21,15 +20,13 @@ from cps_hf.self_training import (
     resume_flags,
     stage3_data_flags,
 )
+from repo_modules import load
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load(f"scripts/{name}.py")
 
 
 self_train = _load("self_train")

@@ -3,11 +3,9 @@
 import collections
 import hashlib
 import importlib
-import importlib.util
 import json
 import os
 import statistics
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,17 +15,12 @@ from PIL import Image
 from cps_hf.data import build_datasets, load_voc
 from cps_hf.data.study_scenes import CLASS_WEIGHTS, MODES, STUDY_CLASSES, make_split, make_study_voc
 from cps_hf.errors import UserInputError
+from repo_modules import load
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _study():
-    if "ssl_study" not in sys.modules:  # loaded once; it makes its parts (benchmarks/ssl_study_parts) importable
-        spec = importlib.util.spec_from_file_location("ssl_study", ROOT / "benchmarks" / "ssl_study.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["ssl_study"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["ssl_study"]
+    return load("benchmarks/ssl_study.py", register=True)  # once; it makes its parts (ssl_study_parts) importable
 
 
 def _part(name: str):
