@@ -150,3 +150,16 @@ def test_tiny_study_end_to_end_then_nothing_to_retrain(tmp_path, capsys):
     assert "4 of 4 runs already finished; 0 to train" in capsys.readouterr().out
     assert {p: os.stat(p).st_mtime_ns for p in runs_dir.glob("*/*/all_results.json")} == mtimes
     assert readme.read_text() == "# x\n\n" + fragment.rstrip("\n") + "\n\n## after\n"
+
+
+def test_a_study_under_way_reports_without_the_picture_when_its_columns_have_not_finished(tmp_path):
+    """Reporting between sessions: finished runs of other methods only, so the picture is left out, not a crash."""
+    figures, runner = _part("figures"), _part("runner")
+    folder = tmp_path / "1-8" / "ncps_seed0"
+    (folder / "model").mkdir(parents=True)
+    finished = runner.Run("1/8", "ncps", 0, folder, [], tmp_path, {})
+    unfinished = runner.Run("1/8", "supervised", 0, tmp_path / "1-8" / "supervised_seed0", [], tmp_path, {})
+    path = tmp_path / "docs" / "predictions.png"
+    assert figures.plot_predictions([finished, unfinished], "1/8", ["supervised", "cps_cutmix"], tmp_path,
+                                    path) == (None, None)
+    assert not path.exists()

@@ -94,6 +94,8 @@ def plot_predictions(runs: list[Run], fraction: str, columns: list[str], data_ro
         return None, None
     seed = min(s for _, s in finished)
     shown = [finished[(v, seed)] for v in columns if (v, seed) in finished]
+    if not shown:  # a study still under way: none of the picture's columns has finished at that seed
+        return None, None
     ids = pick_test_images(data_root)
     scratch = path.parent / ".predictions_tmp"
     argv = ["--models", *(str(r.folder / "model") for r in shown),

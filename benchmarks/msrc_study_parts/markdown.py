@@ -100,9 +100,10 @@ def focus_brief(summary: dict, fraction: str) -> list[str]:
             "seed: " + "; ".join(parts) + "."]
 
 
-def selection_text(picked: dict | None, fraction: str) -> list[str]:
+def selection_text(picked: dict | None, fraction: str, main: str) -> list[str]:
     if not picked:
-        return [f"The methods for {fraction} are picked once every method's {fraction}-run is finished: not yet."]
+        return [f"The methods that also run at {fraction} are picked once every method's {main} runs are finished: "
+                "not yet."]
     if not picked["picked"]:
         return [f"No method besides the fixed rows was a candidate for {fraction}."]
     return [f"At {picked['fraction']} the validation images (never the test images) picked "
@@ -187,7 +188,7 @@ def results_markdown(summary: dict, setting: dict, class_names: list[str], comma
     out += ["", "![test mIoU and paired differences per method](miou_by_method.png)", "",
             "## What the numbers say", ""]
     lines = method_findings(summary, class_names, brief=False) + encoder_finding(summary)
-    lines += selection_text(summary.get("selection"), setting["quarter"]["fraction"])
+    lines += selection_text(summary.get("selection"), setting["quarter"]["fraction"], setting["main"])
     lines += [line for f in fractions for line in focus_findings(summary, f)]
     seed_count = len(setting["seeds"])
     lines.append(f"Differences smaller than the seed spread are not evidence: {seed_count} "
@@ -258,7 +259,7 @@ def summary_markdown(summary: dict, setting: dict, class_names: list[str], comma
     out += method_rows(table, cost, fractions, wins_column=False, variants=VARIANTS)
     out += ["", "What it shows (generated from the numbers):", ""]
     lines = method_findings(summary, class_names, brief=True) + encoder_finding(summary)
-    lines += selection_text(summary.get("selection"), setting["quarter"]["fraction"])
+    lines += selection_text(summary.get("selection"), setting["quarter"]["fraction"], setting["main"])
     lines += focus_brief(summary, setting["main"])
     out += [f"- {line}" for line in lines]
     out += ["", f"Every seed, per-class changes, the small classes and cost: [{docs_link}/results.md]"
