@@ -165,3 +165,18 @@ def test_the_replay_counts_right_false_and_missed_alarms(tmp_path):
     summary = replay.main(["--runs-dir", str(tmp_path), "--after", "0"])
     assert (summary["runs"], summary["named_and_dropped"], summary["named_without_drop"],
             summary["dropped_without_alarm"]) == (1, 1, 1, 0)
+
+
+def test_class_aware_bars_reach_mean_teacher_cutmix_confident_fraction():
+    """CutMix-Seg's default weighting (mean consistency x confident fraction) takes its confident pixels from the
+    same bars, so --pseudo_label_class_aware changes that fraction too."""
+    classes = torch.tensor([[0, 0, 0, 0, 1, 1]])
+    teacher = _logits_for(classes, torch.tensor([[0.99, 0.99, 0.99, 0.99, 0.98, 0.7]]))
+    student = torch.zeros_like(teacher)
+    fixed = build_method("mean_teacher_cutmix", cross_entropy)
+    aware = build_method("mean_teacher_cutmix", cross_entropy, class_aware_threshold=True)
+    assert fixed.confidence_weighting == aware.confidence_weighting == "fraction"
+    aware.consistency_loss(student, teacher)  # first call: every bar 0; then bg's 0.97, cat's ~0.18
+    per_pixel_mean = fixed.per_pixel_consistency(student, teacher, classes[None]).mean()
+    torch.testing.assert_close(fixed.consistency_loss(student, teacher), per_pixel_mean * 5 / 6)  # 0.7 under 0.97
+    torch.testing.assert_close(aware.consistency_loss(student, teacher), per_pixel_mean)  # cat's 0.7 kept
