@@ -180,3 +180,14 @@ def test_class_aware_bars_reach_mean_teacher_cutmix_confident_fraction():
     per_pixel_mean = fixed.per_pixel_consistency(student, teacher, classes[None]).mean()
     torch.testing.assert_close(fixed.consistency_loss(student, teacher), per_pixel_mean * 5 / 6)  # 0.7 under 0.97
     torch.testing.assert_close(aware.consistency_loss(student, teacher), per_pixel_mean)  # cat's 0.7 kept
+
+
+def test_class_aware_bars_need_a_threshold_the_method_or_the_user_sets():
+    from cps_hf.errors import ConfigError
+    from cps_hf.training_args import parse_args
+
+    for method in ("mean_teacher_cutmix", "fixmatch", "unimatch", "unimatch_v2"):  # their references' bars
+        assert parse_args(["--method", method, "--pseudo_label_class_aware"]).pseudo_label_class_aware
+    assert parse_args(["--method", "cps", "--pseudo_label_threshold", "0.9", "--pseudo_label_class_aware"])
+    with pytest.raises(ConfigError, match="--method cps has none by default"):
+        parse_args(["--method", "cps", "--pseudo_label_class_aware"])
