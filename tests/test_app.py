@@ -20,6 +20,7 @@ pytest.importorskip("gradio", reason="the app is an optional extra: pip install 
 
 from cps_hf.app import (Segmenter, add_space_link, export_space, legend_html, model_examples,  # noqa: E402
                         push_space)
+from repo_modules import load  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "outputs" / "test_artifacts"
@@ -157,12 +158,7 @@ def test_argument_mistakes_are_one_line(model_dir, tmp_path, argv, message):
 
 def _screenshot_helpers():
     """benchmarks/app_screenshot.py: serving the page and driving Chromium (shared with the README's screenshot)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("app_screenshot", ROOT / "benchmarks" / "app_screenshot.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load("benchmarks/app_screenshot.py")
 
 
 HELPERS = _screenshot_helpers()

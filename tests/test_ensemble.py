@@ -11,13 +11,11 @@ Tiny random-init resnet18 / mobilenetv3_small_100 networks, on the CPU.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pickle
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,8 +34,8 @@ from cps_hf.hub import export_ensemble, export_model
 from cps_hf.inference import TransformedDataset, evaluate_model, load_eval_split, predict_logits
 
 from tiny_models import logits_of, tiny_config, with_running_statistics
+from repo_modules import load
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 ID2LABEL = {0: "bg", 1: "a", 2: "b"}
 CARD = dict(dataset_name="toy", dataset_type="folder", protocol="1/8", method="CPS")
 EXPORTED_FILES = ["README.md", "config.json", "configuration_cps.py", "image_processing_cps.py", "model.safetensors",
@@ -239,10 +237,7 @@ def test_predict_logits_softmax_average_is_the_ensemble_model(networks, pixel_va
 
 
 def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load(f"scripts/{name}.py")
 
 
 class ProbabilityMean(torch.nn.Module):

@@ -4,7 +4,6 @@ The bug this guards against: the trainer scored the demo with whole images padde
 crop, evaluate_cps.py re-scored the same export padded to VOC's 512, and the two disagreed.
 """
 
-import importlib.util
 import json
 from functools import partial
 from pathlib import Path
@@ -19,18 +18,15 @@ from cps_hf.hub import export_model
 import tiny_models
 from cps_hf.inference import (TransformedDataset, evaluate_model, load_eval_split, load_segmentation_model,
                               make_eval_protocol, model_eval_protocol)
+from repo_modules import load
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 # Unlike the VOC default (whole image padded to 512) in every key: a fallback to it cannot pass.
 RECORDED = {"mode": "slide", "crop_size": 24, "stride": 16}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the script's device (accelerate's default)
 
 
 def load_evaluate_cps():
-    spec = importlib.util.spec_from_file_location("evaluate_cps", SCRIPTS / "evaluate_cps.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load("scripts/evaluate_cps.py")
 
 
 tiny_config = partial(tiny_models.tiny_config, DEMO_CLASSES)

@@ -1,7 +1,6 @@
 """scripts/evaluate_cps.py and scripts/make_figures.py end to end on a tiny demo VOC and random-init models;
 every user-run script's one-line answer to a typical mistake."""
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -15,15 +14,13 @@ from cps_hf import CPSConfig, CPSForSemanticSegmentation, CPSImageProcessor
 from cps_hf.cli import run_cli
 from cps_hf.data import DEMO_CLASSES, make_demo_voc
 from cps_hf.errors import UserInputError
+from repo_modules import load
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
 def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load(f"scripts/{name}.py")
 
 
 def save_tiny_model(folder: Path, seed: int) -> str:
@@ -216,10 +213,8 @@ def _parser_of(script, monkeypatch):
     monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", capture)
     if "/" in script:  # a path from the repository root, e.g. benchmarks/ssl_study.py
         path = Path(__file__).resolve().parents[1] / script
-        spec = importlib.util.spec_from_file_location(f"_help_{path.stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        monkeypatch.syspath_prepend(str(path.parent))
-        spec.loader.exec_module(module)
+        monkeypatch.syspath_prepend(str(path.parent))  # a study script imports its parts from beside it
+        module = load(script, f"_help_{path.stem}")
     else:
         module = load_script(script)
     parse = module.parse_args if hasattr(module, "parse_args") and script != "train_cps" else module.main

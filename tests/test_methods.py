@@ -10,6 +10,7 @@ from torch import nn
 from cps_hf.cutmix import box_mask
 from cps_hf.losses import cross_entropy
 from cps_hf.methods import MethodOutput, build_method, sigmoid_rampup
+from repo_modules import load
 
 NUM_CLASSES = 4
 
@@ -228,14 +229,9 @@ def test_cps_cutmix_step_on_the_real_model():
 
 
 def test_step_efficiency_benchmark_reports_a_ratio_per_method(capsys):
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "step_efficiency.py"
-    spec = importlib.util.spec_from_file_location("step_efficiency", path)
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load("benchmarks/step_efficiency.py")
     benchmark.main(["--crop", "32", "--batch", "2", "--repeats", "1", "--warmup", "0", "--num_labels", "3"])
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     ratios = summary["step_over_passes"]

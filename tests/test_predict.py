@@ -1,7 +1,6 @@
 """scripts/predict.py on a tiny random-init model: masks, overlays and manifest, batching, protocols,
 bad inputs, and two processes under `accelerate launch`."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,6 +15,7 @@ from PIL import Image
 from cps_hf import CPSConfig, CPSForSemanticSegmentation, CPSImageProcessor
 from cps_hf.errors import UserInputError
 from cps_hf.inference import load_segmentation_model, predict_logits
+from repo_modules import load
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "predict.py"
 CLASSES = ["background", "red", "green", "blue"]
@@ -23,10 +23,7 @@ SIZES = {"wide": (40, 32), "odd": (70, 51), "tall": (33, 45)}  # (width, height)
 
 
 def load_predict():
-    spec = importlib.util.spec_from_file_location("predict", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load("scripts/predict.py")
 
 
 def write_image(path: Path, size: tuple[int, int], seed: int) -> Path:

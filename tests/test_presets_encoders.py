@@ -7,13 +7,13 @@ a random-init ResNet-18 and a DINOv2-S at a 28 px crop, each in its own process)
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
 from cps_hf.training_args import parse_args
+from repo_modules import load
 
 ROOT = Path(__file__).resolve().parents[1]
 DINOV2 = sorted((ROOT / "configs").glob("*_dinov2s_*.yaml"))
@@ -85,10 +85,7 @@ def test_unimatch_presets_follow_their_configs():
 
 
 def _benchmark_module():
-    spec = importlib.util.spec_from_file_location("encoders_benchmark", ROOT / "benchmarks" / "encoders.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load("benchmarks/encoders.py", "encoders_benchmark")
 
 
 @pytest.mark.slow

@@ -1,7 +1,6 @@
 """scripts/train_cps.py end to end on a tiny generated VOC tree: CPS, CPS+CutMix, supervised,
 resume, two CPU processes under `accelerate launch`, and the config/flag contract."""
 
-import importlib.util
 import json
 import shutil
 import os
@@ -16,19 +15,13 @@ from safetensors.torch import load_file
 
 from cps_hf.data import DEMO_CLASSES, make_demo_voc
 from cps_hf.errors import ConfigError
+from repo_modules import load
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "train_cps.py"
 
 
-def _load_train_module():
-    spec = importlib.util.spec_from_file_location("train_cps", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_cps = _load_train_module()
+train_cps = load("scripts/train_cps.py")
 
 
 @pytest.fixture(autouse=True)
@@ -297,9 +290,7 @@ def test_own_data_has_its_own_starting_preset_and_folder():
 def test_compare_methods_runs_each_method_and_seed(demo_root, tmp_path, capsys):
     """scripts/compare_methods.py (how the README's demo table is made): one run per method and
     seed, same preset, a summary whose numbers are the runs' own results."""
-    spec = importlib.util.spec_from_file_location("compare_methods", ROOT / "scripts" / "compare_methods.py")
-    compare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(compare)
+    compare = load("scripts/compare_methods.py")
     preset = tmp_path / "tiny.yaml"
     preset.write_text(yaml.safe_dump(dict(
         dataset="voc", data_root=str(demo_root), labeled="8", backbone="mobilenetv3_small_100",

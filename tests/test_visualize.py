@@ -1,6 +1,5 @@
 """Palettes, colourised maps, overlays, the Figure-6 grid and curve PNGs."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -23,6 +22,7 @@ from cps_hf.visualize import (
     plot_curves,
     read_log,
 )
+from repo_modules import load
 
 
 def colour(palette, index):
@@ -142,10 +142,7 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
 def load_make_figures():
-    spec = importlib.util.spec_from_file_location("make_figures", SCRIPTS / "make_figures.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load("scripts/make_figures.py")
 
 
 def trainer_log(path, prefix=""):
