@@ -58,6 +58,7 @@ from cps_hf.training import (  # noqa: E402
     JsonlLog,
     TrainProgress,
     apply_backbone_options,
+    autocast_follower,
     broadcast_buffers_from_main,
     build_networks,
     check_run_settings,
@@ -244,7 +245,8 @@ def train(args, stop: InterruptAtStepEnd | None = None) -> dict:
 
     # ---- prepare (the data streams shard themselves: never prepared, never sharded twice) ----
     *trained, optimizer, scheduler = accelerator.prepare(*trained, optimizer, scheduler)
-    followers = [follower.to(accelerator.device).requires_grad_(False) for follower in followers]  # no optimizer, no DDP
+    # followers (EMA teachers): no optimizer, no DDP, but the trained networks' autocast
+    followers = [autocast_follower(f.to(accelerator.device).requires_grad_(False), accelerator) for f in followers]
     networks = [*trained, *followers]
     progress = TrainProgress()
     # followers (EMA teachers) and a method's own state (class-aware thresholds) are saved as custom state

@@ -537,6 +537,16 @@ def test_teacher_follows_once_per_optimizer_update_with_accumulation_and_bf16(de
     def spy(self, networks, step):
         calls.append(step)
         assert len(networks) == 2 and not isinstance(networks[0], torch.nn.parallel.DistributedDataParallel)
+        for network in networks:  # the teacher (not prepared by accelerate) computes in bf16 like the student
+            dtypes = []
+            conv = next(m for m in network.modules() if isinstance(m, torch.nn.Conv2d))
+            hook = conv.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+            mode = network.training
+            with torch.no_grad():  # eval mode: the probe leaves the BN statistics alone
+                logits = network.eval()(pixel_values=torch.zeros(1, 3, 16, 16)).logits
+            hook.remove()
+            network.train(mode)
+            assert dtypes == [torch.bfloat16] and logits.dtype == torch.float32
         return original(self, networks, step)
 
     monkeypatch.setattr(MeanTeacherMethod, "after_optimizer_step", spy)
