@@ -6,12 +6,20 @@
 #      preset (crop 512, global batch 8 labeled + 2x8 unlabeled, random init) on synthetic 512-640 px
 #      scenes, in fp32 and in bf16, 40 steps each (the last 10-step window is the steady state);
 #   3. benchmarks/step_efficiency.py on CUDA (step time over the network passes it needs);
-#   4. the demo (configs/demo.yaml) in bf16 on the GPU, for its final mIoU.
+#   4. the demo (configs/demo.yaml) in bf16 on the GPU, for its final mIoU;
+#   5. benchmarks/gpu_speed.py: CPS+CutMix R50 at 512 and UniMatch V2 DINOv2-S at 518 in fp32, bf16,
+#      bf16 + channels_last and bf16 + torch.compile, each as a ratio to fp32 (~5 min);
+#   6. benchmarks/peer_step.py on CUDA against the reference code, when UNIMATCH (and TORCHSEMISEG)
+#      name clones of LiheYoung/UniMatch (and charlesCXK/TorchSemiSeg).
 # Usage: bash benchmarks/gpu_check.sh OUT_DIR      (PYTHON=... to pick the interpreter)
+# All stages take ~16 min, more than one 10-minute device call: STAGES picks some, e.g.
+#   STAGES="gpu_speed peer" UNIMATCH=outputs/peers/UniMatch bash benchmarks/gpu_check.sh OUT_DIR
 # OUT_DIR gets summary.txt plus one log per stage.
 set -u
 OUT=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR}
 PY=${PYTHON:-python3}
+STAGES=${STAGES:-"tests r50 step_efficiency demo gpu_speed peer"}
+want() { [[ " $STAGES " == *" $1 "* ]]; }
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -35,10 +43,10 @@ print('transformers', transformers.__version__, 'accelerate', accelerate.__versi
       'evaluate', evaluate.__version__, 'huggingface_hub', h.__version__)"
 } 2>&1 | tee "$OUT/summary.txt"
 
-stage tests 170 "$PY" -m pytest -q -p no:cacheprovider -n 4 tests
+want tests && stage tests 170 "$PY" -m pytest -q -p no:cacheprovider -n 4 tests
 
-"$PY" scripts/make_demo_data.py --out "$WORK/data512" --num_train 48 --num_val 4 --min_size 512 --max_size 640 >/dev/null
-for precision in no bf16; do
+want r50 && "$PY" scripts/make_demo_data.py --out "$WORK/data512" --num_train 48 --num_val 4 --min_size 512 --max_size 640 >/dev/null
+for precision in $(want r50 && echo no bf16); do
   stage "r50_$precision" 110 "$PY" -m accelerate.commands.launch --num_processes 1 --num_machines 1 \
     --mixed_precision "$precision" --dynamo_backend no scripts/train_cps.py \
     --config configs/voc_r50_1-8_cps_cutmix.yaml --data_root "$WORK/data512" --labeled 8 \
@@ -58,13 +66,28 @@ except Exception as error:  # the stage log says why
 EOF
 done
 
-stage step_efficiency 80 "$PY" benchmarks/step_efficiency.py --device cuda --backbone resnet50 --crop 512 --batch 8 \
-  --repeats 5 --warmup 2
-tail -n 1 "$OUT/step_efficiency.log" >>"$OUT/summary.txt"
+if want step_efficiency; then
+  stage step_efficiency 80 "$PY" benchmarks/step_efficiency.py --device cuda --backbone resnet50 --crop 512 --batch 8 \
+    --repeats 5 --warmup 2
+  tail -n 1 "$OUT/step_efficiency.log" >>"$OUT/summary.txt"
+fi
 
-"$PY" scripts/make_demo_data.py --out "$WORK/demo_data" >/dev/null
-stage demo_bf16 90 "$PY" -m accelerate.commands.launch --num_processes 1 --num_machines 1 --mixed_precision bf16 \
-  --dynamo_backend no scripts/train_cps.py --config configs/demo.yaml --data_root "$WORK/demo_data" \
-  --mixed_precision bf16 --report_to none --output_dir "$WORK/demo_bf16"
-grep -h "final eval_mean_iou" "$OUT/demo_bf16.log" >>"$OUT/summary.txt"
+if want demo; then
+  "$PY" scripts/make_demo_data.py --out "$WORK/demo_data" >/dev/null
+  stage demo_bf16 90 "$PY" -m accelerate.commands.launch --num_processes 1 --num_machines 1 --mixed_precision bf16 \
+    --dynamo_backend no scripts/train_cps.py --config configs/demo.yaml --data_root "$WORK/demo_data" \
+    --mixed_precision bf16 --report_to none --output_dir "$WORK/demo_bf16"
+  grep -h "final eval_mean_iou" "$OUT/demo_bf16.log" >>"$OUT/summary.txt"
+fi
+
+if want gpu_speed; then
+  stage gpu_speed 420 "$PY" benchmarks/gpu_speed.py --device cuda
+  grep -h "x fp32 images/s" "$OUT/gpu_speed.log" >>"$OUT/summary.txt"
+fi
+
+if want peer && [ -n "${UNIMATCH:-}" ]; then
+  stage peer_step 150 "$PY" benchmarks/peer_step.py --device cuda --crop 321 --batch 8 --repeats 5 \
+    --unimatch_path "$UNIMATCH" ${TORCHSEMISEG:+--torchsemiseg_path "$TORCHSEMISEG"}
+  tail -n 4 "$OUT/peer_step.log" >>"$OUT/summary.txt"
+fi
 rm -rf "$WORK"
