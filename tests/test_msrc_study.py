@@ -163,3 +163,13 @@ def test_a_study_under_way_reports_without_the_picture_when_its_columns_have_not
     assert figures.plot_predictions([finished, unfinished], "1/8", ["supervised", "cps_cutmix"], tmp_path,
                                     path) == (None, None)
     assert not path.exists()
+
+
+def test_supervised_runs_train_first_then_the_costliest():
+    """A study finished across sessions can pair its methods with the baseline early."""
+    runner, settings = _part("runner"), _part("settings")
+    shared = importlib.import_module("ssl_study_parts.runner")
+    runs = [runner.Run("1/8", v, 0, Path(v), [], Path("."), {}) for v in ("sps", "cps_strong", "supervised_random",
+                                                                           "ncps", "supervised")]
+    order = [r.variant for r in shared.run_order(runs, settings.VARIANTS)]
+    assert order[:2] == ["supervised_random", "supervised"] and order[2:] == ["cps_strong", "ncps", "sps"]

@@ -159,8 +159,7 @@ def train_all(runs: list[Run], jobs: int, variants: dict = VARIANTS) -> list[Run
            "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": python_path}
     todo = [run for run in runs if not (run.folder / "all_results.json").is_file()]
     say(f"{len(runs) - len(todo)} of {len(runs)} runs already finished; {len(todo)} to train with {jobs} job(s)")
-    # The costliest first, so two jobs end together; the order never changes a result.
-    todo.sort(key=lambda r: -COST_GUESS.get(variants[r.variant][0], 1.0))
+    todo = run_order(todo, variants)
     pool = ThreadPoolExecutor(max_workers=max(1, jobs))
     try:
         list(pool.map(lambda r: execute(r, env), todo))
@@ -173,6 +172,13 @@ def train_all(runs: list[Run], jobs: int, variants: dict = VARIANTS) -> list[Run
                              "and the last checkpoints") from None
     pool.shutdown(wait=True)
     return [run for run in todo if not (run.folder / "all_results.json").is_file()]
+
+
+def run_order(runs: list[Run], variants: dict) -> list[Run]:
+    """Supervised runs first: a study stopped midway (one finished across sessions) can already pair its methods
+    with the baseline. Then the costliest first, so parallel jobs end together. The order never changes a result."""
+    return sorted(runs, key=lambda r: (variants[r.variant][0] != "supervised",
+                                       -COST_GUESS.get(variants[r.variant][0], 1.0)))
 
 
 # Step cost per trainer --method, in supervised steps; a variant costs what its method costs.
