@@ -325,7 +325,8 @@ def train(args, stop: InterruptAtStepEnd | None = None) -> dict:
                 if update:  # a skipped step leaves the weights and optimizer state untouched
                     optimizer.step()
                     if accelerator.sync_gradients:  # an optimizer update happened: EMA teachers follow
-                        method.after_optimizer_step([accelerator.unwrap_model(n) for n in networks], progress.step)
+                        method.after_optimizer_step(  # the bare networks: a compiled student's keys match its teacher's
+                            [accelerator.unwrap_model(n, keep_torch_compile=False) for n in networks], progress.step)
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
         progress.step += 1

@@ -578,3 +578,42 @@ def test_two_cpu_processes_stay_in_sync(demo_root, tmp_path):
     # per-class kept fractions (0.97 threshold): ranks may predict different classes, the keys are unioned
     assert all(any(key.startswith("pseudo_kept_u/") for key in r) for r in records)
     assert "teacher (network 2 of 2)" in _card_row(out / "model")
+
+
+def test_teacher_follows_a_compiled_student(demo_root, tmp_path, monkeypatch):
+    """`accelerate launch --dynamo_backend ...`: the prepared student is a torch.compile wrapper whose state-dict
+    keys carry `_orig_mod.`; the EMA update must still pair it with the (uncompiled) teacher. Dynamo's eager
+    backend compiles nothing to machine code, so this runs in seconds on a CPU."""
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "EAGER")
+    out = tmp_path / "compiled"
+    results = train_cps.main(tiny_args(demo_root, out, "--method", "mean_teacher_cutmix", "--max_train_steps", "2"))
+    assert results["final_step"] == 2
+    records = [r for r in _read_log(out) if "loss" in r]
+    assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["loss_mt"]) for r in records)
+
+
+def test_the_teacher_autocast_is_accelerates_own(fresh_accelerate_state):
+    """autocast_follower repeats what Accelerator.prepare_model does to a model under mixed precision; compared
+    with it on a copy, so an accelerate upgrade that changes its wrapper shows here."""
+    import copy
+
+    from accelerate import Accelerator
+
+    from cps_hf.training import autocast_follower
+
+    accelerator = Accelerator(mixed_precision="bf16", cpu=True)
+    network = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
+    prepared = accelerator.prepare_model(copy.deepcopy(network), evaluation_mode=True)
+    follower = autocast_follower(copy.deepcopy(network), accelerator)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        expected, got, plain = prepared(x), follower(x), network(x)
+    assert got.dtype == torch.float32 and torch.equal(got, expected) and not torch.equal(got, plain)
+    restored = accelerator.unwrap_model(follower, keep_fp32_wrapper=False)
+    with torch.no_grad():
+        assert torch.equal(restored(x), plain)  # the wrapper comes off as a prepared model's does
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    full = Accelerator(mixed_precision="no", cpu=True)
+    assert autocast_follower(network, full) is network and "forward" not in vars(network)
