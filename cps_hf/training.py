@@ -178,11 +178,11 @@ def maybe_convert_sync_batchnorm(networks: list[nn.Module], accelerator) -> list
 def autocast_follower(network: nn.Module, accelerator) -> nn.Module:
     """Under --mixed_precision, the autocast wrapper accelerate gives the networks it prepares, for one it does not.
 
-    An EMA teacher is not prepared (no optimizer, no DDP, and its checkpoint entry is its own), so without this
-    its forwards ran in fp32 in a bf16 run: for UniMatch V2 or mean teacher about a third of the step's forward
-    work at full precision and full activation memory. Same wrapper as accelerate's prepare_model (autocast
-    around forward, floating outputs back to fp32), so `unwrap_model(..., keep_fp32_wrapper=False)` removes it.
-    A no-op in full precision: fp32 runs are unchanged."""
+    An EMA teacher is not prepared (no optimizer, no DDP, and its checkpoint entry is its own; prepare_model's
+    evaluation mode would add it to the models save_state writes), so without this its no-grad forwards ran in
+    fp32 in a bf16 run: a quarter of UniMatch V2's forward images, half of CutMix-Seg's. Same wrapper as
+    prepare_model's (autocast around forward, floating outputs back to fp32), so `unwrap_model(...,
+    keep_fp32_wrapper=False)` removes it. A no-op in full precision: fp32 runs are unchanged."""
     if not accelerator.native_amp:
         return network
     network._original_forward = network.forward
