@@ -14,7 +14,9 @@
 # Usage: bash benchmarks/gpu_check.sh OUT_DIR      (PYTHON=... to pick the interpreter)
 # All stages take ~16 min, more than one 10-minute device call: STAGES picks some, e.g.
 #   STAGES="gpu_speed peer" UNIMATCH=outputs/peers/UniMatch bash benchmarks/gpu_check.sh OUT_DIR
-# OUT_DIR gets summary.txt plus one log per stage.
+# OUT_DIR gets summary.txt plus one log per stage. gpu_speed and peer import only torch, timm, transformers,
+# accelerate and yaml (no datasets/evaluate), so they run from the checkout (PYTHONPATH=.) on an image that
+# has those; the other stages need the package's full dependencies.
 set -u
 OUT=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR}
 PY=${PYTHON:-python3}
