@@ -191,3 +191,26 @@ def test_class_aware_bars_need_a_threshold_the_method_or_the_user_sets():
     assert parse_args(["--method", "cps", "--pseudo_label_threshold", "0.9", "--pseudo_label_class_aware"])
     with pytest.raises(ConfigError, match="--method cps has none by default"):
         parse_args(["--method", "cps", "--pseudo_label_class_aware"])
+
+
+@pytest.mark.parametrize("name", ["unimatch", "unimatch_v2"])
+def test_class_aware_bars_count_a_steps_weak_labels_once(name, monkeypatch):
+    """UniMatch labels its weak predictions for two strong views (and V1 for the feature-perturbed stream too):
+    the bars' running counts take them once per step, as FixMatch's single call does."""
+    from cps_hf.modeling_cps import CPSForSemanticSegmentation
+    from tiny_models import tiny_config
+
+    updates = []
+    original = ClassAwareThreshold.update
+    monkeypatch.setattr(ClassAwareThreshold, "update", lambda self, *a: updates.append(a[0].shape) or original(self, *a))
+    method = build_method(name, cross_entropy, class_names=NAMES, class_aware_threshold=True, cps_weight=1.0)
+    torch.manual_seed(0)
+    networks = [CPSForSemanticSegmentation(tiny_config(NAMES)).train() for _ in range(method.num_models)]
+    method.init_networks(networks)
+    g = torch.Generator().manual_seed(0)
+    batch = {"labeled": {"pixel_values": torch.randn(2, 3, 32, 32, generator=g),
+                         "labels": torch.randint(0, 3, (2, 32, 32), generator=g)},
+             "unlabeled": [{"pixel_values": torch.randn(2, 3, 32, 32, generator=g)}
+                           for _ in range(method.num_unlabeled_streams)]}
+    method(networks, batch, step=0)
+    assert len(updates) == 1

@@ -324,13 +324,16 @@ class Method:
                         n_boxes=self.cutmix_num_boxes, device=images.device)
 
     def pseudo_targets(self, logits: torch.Tensor, predictions: torch.Tensor | None = None,
-                       logs: "StepLogs | None" = None, log_name: str = "pseudo_kept_u") -> torch.Tensor:
+                       logs: "StepLogs | None" = None, log_name: str = "pseudo_kept_u",
+                       count_for_bars: bool = True) -> torch.Tensor:
         """Pseudo labels for a loss: the argmax (`predictions`, if already computed), and with
         `pseudo_label_threshold` > 0 every pixel whose softmax confidence is below it set to
         `ignore_index`. The kept fraction goes to `logs[log_name]`, and per class (of the pixels whose
         argmax is that class, the share kept; summed over the networks of a step) to
         ``<log_name without a trailing _k>/<class>``, so a threshold that starves a class shows. Threshold
-        0 returns the argmax itself, so the paper's methods are unchanged."""
+        0 returns the argmax itself, so the paper's methods are unchanged. `count_for_bars` False: the
+        class-aware bars use these predictions but do not count them (a method that labels the same weak
+        predictions several times in one step counts them once)."""
         predictions = pseudo_labels(logits) if predictions is None else predictions
         unlabeled = logs is not None and log_name.startswith("pseudo_kept_u")
         if self.pseudo_label_threshold <= 0:
@@ -342,7 +345,9 @@ class Method:
             if self.class_threshold is not None:
                 bars = self.class_threshold.thresholds(self.pseudo_label_threshold, logits.shape[1], logits.device)
                 confident = confidence >= bars[predictions]
-                self.class_threshold.update(predictions, confidence, self.pseudo_label_threshold, logits.shape[1])
+                if count_for_bars:
+                    self.class_threshold.update(predictions, confidence, self.pseudo_label_threshold,
+                                                logits.shape[1])
             else:
                 confident = confidence >= self.pseudo_label_threshold
             if self.class_shares and unlabeled:

@@ -57,10 +57,11 @@ class UniMatchMethod(WeakToStrongMethod):
         weak = weak.detach()
         loss_sup = self._supervised_losses([logits_x], labeled["labels"], logs)
         kept = KeptFractions(logs)
-        targets_s = [self.pseudo_targets(mixed(box, weak_partners, weak), logs=kept, log_name=f"pseudo_kept_u_{k}")
+        targets_s = [self.pseudo_targets(mixed(box, weak_partners, weak), logs=kept, log_name=f"pseudo_kept_u_{k}",
+                                         count_for_bars=k == 1)  # class-aware bars count a step's labels once
                      for k, box in enumerate(boxes, start=1)]
         kept.log_mean("pseudo_kept_u")
-        targets_fp = self.pseudo_targets(weak)
+        targets_fp = self.pseudo_targets(weak, count_for_bars=False)
         loss_s1 = self.pseudo_cross_entropy(logits_s1, targets_s[0])
         loss_s2 = self.pseudo_cross_entropy(logits_s2, targets_s[1])
         loss_fp = self.pseudo_cross_entropy(logits_fp, targets_fp)
@@ -112,7 +113,8 @@ class UniMatchV2Method(EMATeacher, WeakToStrongMethod):
         logits_s1, logits_s2 = student(pixel_values=torch.cat(strong_views), perturbation_seed=seed,
                                        complementary_dropout=self.complementary_dropout).logits.chunk(2)
         kept = KeptFractions(logs)
-        targets = [self.pseudo_targets(mixed(box, weak.flip(0), weak), logs=kept, log_name=f"pseudo_kept_u_{k}")
+        targets = [self.pseudo_targets(mixed(box, weak.flip(0), weak), logs=kept, log_name=f"pseudo_kept_u_{k}",
+                                       count_for_bars=k == 1)  # class-aware bars count a step's labels once
                    for k, box in enumerate(boxes, start=1)]
         kept.log_mean("pseudo_kept_u")
         loss_s1 = self.pseudo_cross_entropy(logits_s1, targets[0])
