@@ -248,6 +248,10 @@ def train(args, stop: InterruptAtStepEnd | None = None) -> dict:
     # followers (EMA teachers): no optimizer, no DDP, but the trained networks' autocast
     followers = [autocast_follower(f.to(accelerator.device).requires_grad_(False), accelerator) for f in followers]
     networks = [*trained, *followers]
+
+    def bare(network):  # out of DDP and torch.compile (--dynamo_backend) wrappers; the autocast stays
+        return accelerator.unwrap_model(network, keep_torch_compile=False)
+
     progress = TrainProgress()
     # followers (EMA teachers) and a method's own state (class-aware thresholds) are saved as custom state
     accelerator.register_for_checkpointing(streams, progress, *followers, *method.checkpoint_state())
@@ -260,7 +264,7 @@ def train(args, stop: InterruptAtStepEnd | None = None) -> dict:
     if args.resume_from_checkpoint:
         checkpoint = find_checkpoint(output_dir, args.resume_from_checkpoint)
         accelerator.print(f"resuming from {checkpoint}")
-        check_checkpoint_matches(checkpoint, [accelerator.unwrap_model(n) for n in trained])  # one line, not a size dump
+        check_checkpoint_matches(checkpoint, [bare(n) for n in trained])  # one line, not a size dump
         accelerator.load_state(str(checkpoint))  # models, optimizer, scheduler, RNG, data streams, progress
         if progress.step != checkpoint_step(checkpoint):
             raise RuntimeError(f"{checkpoint}: saved progress is at step {progress.step}, folder says otherwise")
@@ -280,9 +284,9 @@ def train(args, stop: InterruptAtStepEnd | None = None) -> dict:
 
     def run_evaluation() -> dict:
         broadcast_buffers_from_main(networks, accelerator)  # every rank evaluates the model rank 0 exports
-        check_finite_state([accelerator.unwrap_model(n) for n in networks], f"step {progress.step}")
+        check_finite_state([bare(n) for n in networks], f"step {progress.step}")
         results = evaluate_model(
-            [accelerator.unwrap_model(networks[export_index])], val_set, num_labels=model_config.num_labels,
+            [bare(networks[export_index])], val_set, num_labels=model_config.num_labels,
             ignore_index=bundle.ignore_index, **model_config.eval_protocol, accelerator=accelerator,
         )  # the protocol the export records, so evaluate_cps.py gives the same numbers; restores training mode
         return {f"eval_{key}": value for key, value in results.items()}
@@ -292,7 +296,7 @@ def train(args, stop: InterruptAtStepEnd | None = None) -> dict:
         --export_network says otherwise) as a pipeline-ready folder with its model card."""
         if not accelerator.is_main_process:
             return
-        exported = accelerator.unwrap_model(networks[export_index])
+        exported = bare(networks[export_index])
         card = build_model_card(
             exported.config, results=results, dataset_name=args.dataset,
             dataset_type=args.dataset, protocol=args.labeled, method=args.method, backbone=args.backbone,
@@ -325,8 +329,7 @@ def train(args, stop: InterruptAtStepEnd | None = None) -> dict:
                 if update:  # a skipped step leaves the weights and optimizer state untouched
                     optimizer.step()
                     if accelerator.sync_gradients:  # an optimizer update happened: EMA teachers follow
-                        method.after_optimizer_step(  # the bare networks: a compiled student's keys match its teacher's
-                            [accelerator.unwrap_model(n, keep_torch_compile=False) for n in networks], progress.step)
+                        method.after_optimizer_step([bare(n) for n in networks], progress.step)
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
         progress.step += 1
@@ -386,7 +389,7 @@ def train(args, stop: InterruptAtStepEnd | None = None) -> dict:
     final = run_evaluation()
     if progress.update_best(final["eval_mean_iou"], progress.step) and args.save_best_model:
         export_network(output_dir / "model_best", final)
-    fingerprints = gather_object([parameter_fingerprint([accelerator.unwrap_model(n) for n in networks])])
+    fingerprints = gather_object([parameter_fingerprint([bare(n) for n in networks])])
     in_sync = len(set(fingerprints)) == 1
     if not in_sync:
         raise RuntimeError(f"DDP ranks ended with different weights or buffers: {fingerprints}")
@@ -415,7 +418,7 @@ def train(args, stop: InterruptAtStepEnd | None = None) -> dict:
     accelerator.wait_for_everyone()
     export_network(output_dir / "model", final)
     if args.export_ensemble:  # all networks of the run, softmax mean; evaluated on every rank (summed matrices)
-        ensemble = [accelerator.unwrap_model(n) for n in networks]
+        ensemble = [bare(n) for n in networks]
         ensemble_eval = {f"eval_{k}": v for k, v in evaluate_model(
             ensemble, val_set, num_labels=model_config.num_labels, ignore_index=bundle.ignore_index,
             **model_config.eval_protocol, accelerator=accelerator, average="softmax").items()}

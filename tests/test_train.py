@@ -182,6 +182,33 @@ def test_resume_mid_run_matches_an_uninterrupted_run(demo_root, tmp_path, monkey
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_compiled_run_trains_exports_and_resumes_like_an_uncompiled_one(demo_root, tmp_path, monkeypatch):
+    """`accelerate launch --dynamo_backend ...`: the prepared networks are torch.compile wrappers (state-dict keys
+    with `_orig_mod.`). Export, evaluation, the checkpoint check and resume take the bare networks. Dynamo's eager
+    backend runs the captured graphs op by op, so on the CPU the weights match an uncompiled run's exactly."""
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    common = ("--method", "cps_cutmix", "--max_train_steps", "4", "--checkpointing_steps", "2")
+    plain = train_cps.main(tiny_args(demo_root, tmp_path / "plain", *common))
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "EAGER")
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)  # the state of the plain run would keep dynamo off
+    compile_calls = []
+    original_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_calls.append(kw) or original_compile(model, **kw))
+    compiled = tmp_path / "compiled"
+    straight = train_cps.main(tiny_args(demo_root, compiled, *common))
+    assert len(compile_calls) == 2 and compile_calls[0]["backend"] == "eager"  # both networks really compiled
+    assert straight["parameter_fingerprint"] == plain["parameter_fingerprint"]
+    a = load_file(tmp_path / "plain" / "model" / "model.safetensors")
+    b = load_file(compiled / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # no _orig_mod. in the export
+    shutil.rmtree(compiled / "step_4")
+    shutil.rmtree(compiled / "model")
+    resumed = train_cps.main(tiny_args(demo_root, compiled, *common, "--resume_from_checkpoint", "latest"))
+    assert resumed["final_step"] == 4 and resumed["parameter_fingerprint"] == plain["parameter_fingerprint"]
+
+
 def _launch_two_cpu_processes(args, timeout=300):
     """Two gloo processes on the CPU (GPU machines too); fails with each rank's error lines."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
