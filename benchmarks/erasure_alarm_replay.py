@@ -55,13 +55,15 @@ def replay(run: Path, args) -> list[str]:
     return sorted(alarm.warned)
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    root = Path(args.runs_dir)
-    right = false = missed = runs = 0
+def judge_runs(root: Path, args) -> list[dict]:
+    """Every run under `root` that logged the alarm's shares and has a finished supervised run of the same fraction
+    and seed: the classes the alarm names, the classes that lost at least `args.drop` IoU, and those classes' IoU
+    change (0-1) against supervised."""
+    judged = []
     for run in sorted(root.glob("*/*_seed*")):
         log = run / "log.jsonl"
-        supervised = run.parent / f"supervised_seed{run.name.rsplit('_seed', 1)[1]}"
+        variant, seed = run.name.rsplit("_seed", 1)
+        supervised = run.parent / f"supervised_seed{seed}"
         if (not log.is_file() or PSEUDO not in log.read_text() or not (run / "all_results.json").is_file()
                 or not (supervised / "all_results.json").is_file()):
             continue
@@ -69,11 +71,28 @@ def main(argv=None) -> dict:
         ours, theirs = _per_class_iou(run), _per_class_iou(supervised)
         dropped = {c for c in ours if ours[c] is not None and theirs.get(c) is not None
                    and theirs[c] - ours[c] >= args.drop}
-        runs += 1
-        right, false, missed = right + len(named & dropped), false + len(named - dropped), missed + len(dropped - named)
-        print(f"{run.relative_to(root)}: alarm {sorted(named)}; dropped {sorted(dropped)}")
-    summary = {"runs": runs, "named_and_dropped": right, "named_without_drop": false, "dropped_without_alarm": missed,
-               "settings": {"fraction": args.fraction, "patience": args.patience, "after": args.after, "drop": args.drop}}
+        change = {c: ours[c] - theirs[c] for c in sorted(named | dropped)
+                  if ours.get(c) is not None and theirs.get(c) is not None}
+        judged.append({"run": str(run.relative_to(root)), "fraction_dir": run.parent.name, "variant": variant,
+                       "seed": int(seed), "named": sorted(named), "dropped": sorted(dropped), "iou_change": change})
+    return judged
+
+
+def counts(judged: list[dict], args) -> dict:
+    right = sum(len(set(j["named"]) & set(j["dropped"])) for j in judged)
+    false = sum(len(set(j["named"]) - set(j["dropped"])) for j in judged)
+    missed = sum(len(set(j["dropped"]) - set(j["named"])) for j in judged)
+    return {"runs": len(judged), "named_and_dropped": right, "named_without_drop": false, "dropped_without_alarm": missed,
+            "settings": {"fraction": args.fraction, "patience": args.patience, "after": args.after, "drop": args.drop}}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    root = Path(args.runs_dir)
+    judged = judge_runs(root, args)
+    for j in judged:
+        print(f"{j['run']}: alarm {j['named']}; dropped {j['dropped']}")
+    summary = counts(judged, args)
     print(json.dumps(summary))
     return summary
 

@@ -45,7 +45,7 @@ Interrupt the study any time and run the same command again; finish it across se
 
 Outputs (<docs-dir>, docs/msrc_study/ for the full setting; --quick writes under outputs/): results.md (mean,
 spread, every seed, paired differences and wins, the small and rare classes, per-class changes, labeled images per
-class, the 1/4 choice, cost), summary.md (the README's lead section between its own markers; `--readme-fragment`
+class, the 1/4 choice, cost, the erasure alarm's warnings against the classes that lost IoU), summary.md (the README's lead section between its own markers; `--readme-fragment`
 prints it, `--update-readme README.md` replaces the marked block there), miou_by_method.png, predictions.png
 (test images: image, ground truth, supervised, CPS + CutMix, the best other method) and study.json (every number,
 every command). Each names the command that made it.

@@ -138,6 +138,9 @@ def test_tiny_study_end_to_end_then_nothing_to_retrain(tmp_path, capsys):
         assert f" {name} |" in results
     assert "picked SPS (self pseudo labels)" in results
     assert study_json["summary"]["predictions"]["columns"] == ["supervised", "sps"]
+    alarm = study_json["summary"]["erasure_alarm"]  # the replay over the runs that log class shares: SPS's two
+    assert sorted(r["run"] for r in alarm["runs"]) == ["1-4/sps_seed0", "1-8/sps_seed0"]
+    assert alarm["settings"]["fraction"] == 0.25 and "## The erasure alarm on these runs" in results
     assert "python benchmarks/msrc_study.py --data-root" in results
     fragment = (docs / "summary.md").read_text()
     markdown = _part("markdown")

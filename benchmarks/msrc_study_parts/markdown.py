@@ -178,6 +178,31 @@ def _focus_table(summary: dict, fraction: str) -> list[str]:
     return out
 
 
+def alarm_section(alarm: dict | None) -> list[str]:
+    """The trainer's erasure alarm replayed over the runs (benchmarks/erasure_alarm_replay.py), against the classes
+    that ended at least `drop` below supervised at the same seed."""
+    if not alarm or not alarm["runs"]:
+        return []
+    drop = 100 * alarm["settings"]["drop"]
+    out = ["", "## The erasure alarm on these runs", "",
+           f"The trainer's erasure alarm (its default settings, replayed from each run's logged class shares by "
+           f"`benchmarks/erasure_alarm_replay.py`) against the classes whose test IoU ended at least {drop:.0f} points "
+           f"below supervised at the same seed, over {len(alarm['runs'])} runs: {alarm['named_and_dropped']} warnings named "
+           f"such a class, {alarm['named_without_drop']} named a class that did not lose that much, and "
+           f"{alarm['dropped_without_alarm']} such losses came without a warning. In brackets: the class's IoU change "
+           "against supervised (points).", "",
+           "| method | labels | seed | named | lost without a warning |", "|---|---|---|---|---|"]
+    for run in alarm["runs"]:
+        if not run["named"] and not run["dropped"]:
+            continue
+        change = run["iou_change"]
+        named = ", ".join(f"{c} ({pct(change.get(c), True)})" for c in run["named"]) or "-"
+        unwarned = ", ".join(f"{c} ({pct(change.get(c), True)})" for c in run["dropped"] if c not in run["named"]) or "-"
+        label = VARIANTS[run["variant"]][2] if run["variant"] in VARIANTS else run["variant"]
+        out.append(f"| {label} | {run['fraction_dir'].replace('-', '/')} | {run['seed']} | {named} | {unwarned} |")
+    return out
+
+
 def results_markdown(summary: dict, setting: dict, class_names: list[str], commands: dict, data: dict,
                      data_root: str, missing: list[str]) -> str:
     table, cost = summary["table"], summary["cost"]
@@ -207,6 +232,7 @@ def results_markdown(summary: dict, setting: dict, class_names: list[str], comma
     for f in fractions:
         out += _labeled_table(summary, class_names, f)
     out += kept_section(table, fractions, class_names, variants=VARIANTS)
+    out += alarm_section(summary.get("erasure_alarm"))
     picked = summary.get("selection")
     if picked and picked.get("val_mean_iou"):
         out += ["", f"## The {setting['quarter']['fraction']} choice", "",

@@ -36,6 +36,15 @@ def labeled_images(data_root: Path, fraction: str, seed: int, class_names: list[
     return counts
 
 
+def alarm_replay(runs_dir: Path) -> dict:
+    """benchmarks/erasure_alarm_replay.py over the study's runs, with the trainer's default alarm settings."""
+    import erasure_alarm_replay as replay  # beside msrc_study.py, which puts benchmarks/ on the path
+
+    args = replay.parse_args(["--runs-dir", str(runs_dir)])
+    judged = replay.judge_runs(runs_dir, args)
+    return {**replay.counts(judged, args), "runs": judged}  # "runs": each run's classes, not only their count
+
+
 def report(runs: list[Run], setting: dict, setting_name: str, docs_dir: Path, data_root: Path, data: dict,
            selection: dict | None, commands: dict, docs_link: str) -> dict:
     class_names = list(data["classes"])
@@ -50,6 +59,7 @@ def report(runs: list[Run], setting: dict, setting_name: str, docs_dir: Path, da
                                  for f in fractions}
     summary["selection"] = selection
     summary["run_wall_seconds"] = [row["wall_seconds"] for row in rows if row["wall_seconds"]]
+    summary["erasure_alarm"] = alarm_replay(runs[0].folder.parents[1])
     docs_dir.mkdir(parents=True, exist_ok=True)
     plot_by_method(summary, docs_dir / "miou_by_method.png",
                    f"MSRC-21 test set, {setting['train']['max_train_steps']} steps, {setting['train']['backbone']} "
