@@ -48,11 +48,11 @@ checkpoint (`--resume_from_checkpoint latest`), or from scratch when it has none
 study any time and run the same command again. Delete a folder to rerun it.
 
 Outputs (<docs-dir>, docs/study/ for the full setting): results.md (mean, spread, every seed,
-paired differences, per-class IoU changes, cost), summary.md (the README's "Does CPS help?"
-section, between markers; `--readme-fragment` prints it, `--update-readme README.md` replaces the
-marked block there), miou_vs_labels.png, predictions.png (image, ground truth and several methods'
-predictions on validation images picked by a fixed rule) and study.json (every number, every
-command). Each names the command that made it.
+paired differences, per-class IoU changes, cost), summary.md (the "Does CPS help?" section of
+docs/study.md, between markers, its links relative to docs/; `--readme-fragment` prints it,
+`--update-readme docs/study.md` replaces the marked block there), miou_vs_labels.png,
+predictions.png (image, ground truth and several methods' predictions on validation images picked
+by a fixed rule) and study.json (every number, every command). Each names the command that made it.
 """
 
 from __future__ import annotations
@@ -73,6 +73,8 @@ from ssl_study_parts.markdown import update_readme  # noqa: E402
 from ssl_study_parts.report import report  # noqa: E402
 from ssl_study_parts.runner import check_identity, ensure_data, plan_runs, read_record, train_all  # noqa: E402
 from ssl_study_parts.settings import SETTINGS, VARIANTS, fraction_value  # noqa: E402
+
+SUMMARY_HOME = REPO / "docs"  # docs/study.md holds the summary block; its links are relative to docs/
 
 
 def parse_args(argv):
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         failed = train_all(runs, args.jobs)
         say(f"training finished in {time.perf_counter() - start:.0f} s; {len(failed)} run(s) failed")
-    report(runs, setting, args.setting, docs_dir, data_root, commands, docs_link(docs_dir))
+    report(runs, setting, args.setting, docs_dir, data_root, commands, docs_link(docs_dir, home=SUMMARY_HOME))
     fragment = (docs_dir / "summary.md").read_text()
     if args.update_readme:
         update_readme(Path(args.update_readme), fragment)

@@ -111,10 +111,18 @@ def test_every_flag_named_in_the_text_exists(page, monkeypatch):
     assert not sorted(named - known), f"{page.name} names flags that exist nowhere: {sorted(named - known)}"
 
 
+def _home_of(summary: Path) -> Path:
+    """A study's summary.md links from the page that holds it between markers (the README or docs/study.md)."""
+    begin = summary.read_text().splitlines()[0]
+    homes = [page for page in PAGES if page != summary and begin in page.read_text()]
+    assert len(homes) == 1, f"{summary}: its block should be in exactly one page, found in {homes}"
+    return homes[0].parent
+
+
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_link_and_named_path_is_inside_the_repository_and_exists(page):
     text = page.read_text()
-    base = ROOT if page.name == "summary.md" else page.parent  # the study's README block links from the README
+    base = _home_of(page) if page.name == "summary.md" else page.parent
     broken = []
     for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
         if re.match(r"^[a-z]+://", target):

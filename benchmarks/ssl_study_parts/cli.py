@@ -1,5 +1,5 @@
 """What the study scripts' command lines share (benchmarks/ssl_study.py, benchmarks/msrc_study.py): the flags,
-the command a report quotes, the setting with the user's overrides, and the docs folder as the README links it."""
+the command a report quotes, the setting with the user's overrides, and the docs folder as the page holding the summary links it."""
 
 from __future__ import annotations
 
@@ -71,9 +71,9 @@ def chosen_setting(settings: dict, args) -> dict:
     return setting
 
 
-def docs_link(docs_dir: Path) -> str:
-    """The docs folder as the README links it: relative to the repository where it can be."""
+def docs_link(docs_dir: Path, home: Path = REPO) -> str:
+    """The docs folder as the page holding the summary block (in `home`) links it: relative where it can be."""
     try:
-        return os.path.relpath(docs_dir, REPO)
+        return os.path.relpath(docs_dir, home)
     except ValueError:
         return str(docs_dir)

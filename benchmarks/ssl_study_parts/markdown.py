@@ -339,7 +339,7 @@ def results_markdown(summary: dict, setting: dict, class_names: list[str], comma
 
 def summary_markdown(summary: dict, setting: dict, class_names: list[str], commands: dict, docs_link: str,
                      missing: list[str]) -> str:
-    """The README section: compact table, generated findings, links. Links are relative to the README."""
+    """The summary section (docs/study.md's): compact table, generated findings, links relative to its page."""
     table, cost = summary["table"], summary["cost"]
     fractions = ordered_fractions(table)
     train = setting["train"]
