@@ -43,10 +43,8 @@ from pathlib import Path
 import torch
 
 from cps_hf.cli import run_cli
-from cps_hf.losses import cross_entropy
-from cps_hf.methods import build_method
 from cps_hf.optim import build_optimizer, poly_schedule
-from cps_hf.training import autocast_follower, build_networks, model_config_from_args, strong_view_settings
+from cps_hf.training import autocast_follower, build_networks, method_from_args, model_config_from_args
 from cps_hf.training_args import parse_args as parse_training_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,11 +126,7 @@ def measure(case: str, setting_name: str, args) -> dict:
     setting = SETTINGS[setting_name]
     training = training_args_for(case, args)
     class_names = [f"class_{k}" for k in range(21)]  # VOC's 21; the names only label logs
-    method = build_method(training.method, cross_entropy, cps_weight=training.cps_weight,
-                          pseudo_label_threshold=training.pseudo_label_threshold, ema_decay=training.ema_decay,
-                          ema_teacher=training.ema_teacher, feature_dropout=training.feature_dropout,
-                          strong_views=strong_view_settings(training), freeze_bn=training.freeze_bn,
-                          generator_seed=0, class_names=class_names, class_shares=True)
+    method = method_from_args(training, class_names)  # as the trainer builds it, every method flag applied
     networks = build_networks(model_config_from_args(training, class_names), method.num_models, seed=0)
     method.init_networks(networks)
     if setting["channels_last"]:

@@ -74,6 +74,50 @@ def strong_view_settings(args):
         raise ConfigError(f"--strong_*: {error}") from None
 
 
+def method_from_args(args, class_names: list[str]):
+    """The `--method` with every method flag applied: the one place flags become a method, so the trainer and the
+    benchmarks that time its step (benchmarks/gpu_speed.py) cannot drift apart."""
+    from .losses import OhemCrossEntropy, cross_entropy
+    from .methods import build_method
+
+    return build_method(
+        args.method,
+        sup_criterion=(
+            OhemCrossEntropy(threshold=args.ohem_threshold, min_kept=args.ohem_min_kept,
+                             images_per_group=args.ohem_images_per_group)
+            if args.sup_loss == "ohem" else cross_entropy
+        ),
+        cps_weight=args.cps_weight,
+        cps_weight_rampup_steps=args.cps_weight_rampup_steps,
+        cps_weight_rampup_epochs=args.cps_weight_rampup_epochs,
+        supervised_warmup_steps=args.supervised_warmup_steps,
+        cps_on_labeled=args.cps_on_labeled,
+        cps_on_unlabeled=args.cps_on_unlabeled,
+        pseudo_label_threshold=args.pseudo_label_threshold,
+        pseudo_label_normalize=args.pseudo_label_normalize,
+        cutmix_num_boxes=args.cutmix_num_boxes,
+        cutmix_area_range=args.cutmix_area_range,
+        freeze_bn=args.freeze_bn,
+        ema_decay=args.ema_decay,
+        ema_teacher=args.ema_teacher,
+        feature_dropout=args.feature_dropout,
+        strong_views=strong_view_settings(args),
+        ema_warmup=args.mt_ema_warmup,
+        ema_buffers=args.mt_ema_buffers,
+        consistency=args.mt_consistency,
+        confidence_weighting=args.mt_confidence_weighting,
+        student_noise_std=args.mt_noise_std,
+        num_networks=args.num_networks,
+        ncps_sum=args.ncps_sum,
+        generator_seed=args.seed,
+        class_names=class_names,  # names the per-class kept fractions of a thresholded run
+        class_shares=args.erasure_alarm_fraction > 0,  # per-class shares for the erasure alarm
+        class_aware_threshold=args.pseudo_label_class_aware,
+        # Figure 7's "foreground" agreement leaves out background; Cityscapes' class 0 is road.
+        background_index=0 if class_names[0].lower() in ("background", "_background_") else None,
+    )
+
+
 def per_device_batch_size(global_batch_size: int, num_processes: int, accumulation_steps: int) -> int:
     """The paper's batch (8 labeled + 8 unlabeled per step) on however many devices this run has."""
     share = num_processes * accumulation_steps

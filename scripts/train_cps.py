@@ -50,8 +50,6 @@ from cps_hf.failures import (  # noqa: E402
 )
 from cps_hf.hub import build_model_card, export_ensemble, export_model, push_model  # noqa: E402
 from cps_hf.inference import TransformedDataset, evaluate_model  # noqa: E402
-from cps_hf.losses import OhemCrossEntropy, cross_entropy  # noqa: E402
-from cps_hf.methods import build_method  # noqa: E402
 from cps_hf.optim import build_optimizer, learning_rates, poly_schedule  # noqa: E402
 from cps_hf.run_folder import claim_output_dir, clear_previous_run, continue_message  # noqa: E402
 from cps_hf.training import (  # noqa: E402
@@ -63,7 +61,6 @@ from cps_hf.training import (  # noqa: E402
     build_networks,
     check_run_settings,
     check_schedule,
-    strong_view_settings,
     checkpoint_step,
     ddp_kwargs,
     eval_scalars,
@@ -73,6 +70,7 @@ from cps_hf.training import (  # noqa: E402
     mark_checkpoint_complete,
     maybe_convert_sync_batchnorm,
     mean_logs,
+    method_from_args,
     model_config_from_args,
     parameter_count_lines,
     parameter_fingerprint,
@@ -158,42 +156,7 @@ def train(args, stop: InterruptAtStepEnd | None = None) -> dict:
             skipped_file=output_dir / "skipped_samples.jsonl",
         )
     check_run_settings(args, accelerator, num_labeled=len(bundle.labeled))
-    method = build_method(
-        args.method,
-        sup_criterion=(
-            OhemCrossEntropy(threshold=args.ohem_threshold, min_kept=args.ohem_min_kept,
-                             images_per_group=args.ohem_images_per_group)
-            if args.sup_loss == "ohem" else cross_entropy
-        ),
-        cps_weight=args.cps_weight,
-        cps_weight_rampup_steps=args.cps_weight_rampup_steps,
-        cps_weight_rampup_epochs=args.cps_weight_rampup_epochs,
-        supervised_warmup_steps=args.supervised_warmup_steps,
-        cps_on_labeled=args.cps_on_labeled,
-        cps_on_unlabeled=args.cps_on_unlabeled,
-        pseudo_label_threshold=args.pseudo_label_threshold,
-        pseudo_label_normalize=args.pseudo_label_normalize,
-        cutmix_num_boxes=args.cutmix_num_boxes,
-        cutmix_area_range=args.cutmix_area_range,
-        freeze_bn=args.freeze_bn,
-        ema_decay=args.ema_decay,
-        ema_teacher=args.ema_teacher,
-        feature_dropout=args.feature_dropout,
-        strong_views=strong_view_settings(args),
-        ema_warmup=args.mt_ema_warmup,
-        ema_buffers=args.mt_ema_buffers,
-        consistency=args.mt_consistency,
-        confidence_weighting=args.mt_confidence_weighting,
-        student_noise_std=args.mt_noise_std,
-        num_networks=args.num_networks,
-        ncps_sum=args.ncps_sum,
-        generator_seed=args.seed,
-        class_names=bundle.class_names,  # names the per-class kept fractions of a thresholded run
-        class_shares=args.erasure_alarm_fraction > 0,  # per-class shares for the erasure alarm
-        class_aware_threshold=args.pseudo_label_class_aware,
-        # Figure 7's "foreground" agreement leaves out background; Cityscapes' class 0 is road.
-        background_index=0 if bundle.class_names[0].lower() in ("background", "_background_") else None,
-    )
+    method = method_from_args(args, bundle.class_names)
     streams = TrainStreams(
         bundle.labeled, bundle.unlabeled,
         TrainTransform(crop_size=args.crop_size, scales=tuple(args.scales), num_classes=len(bundle.class_names)),
