@@ -72,8 +72,8 @@ def test_diverging_run_stops_and_exports_nothing(demo_root, tmp_path):
 
 
 def test_nonfinite_steps_are_skipped_only_when_asked(demo_root, tmp_path, monkeypatch):
-    real_build = train_cps.build_method
-    monkeypatch.setattr(train_cps, "build_method", lambda *a, **kw: _nan_at(real_build(*a, **kw), bad_steps={1}))
+    real_build = train_cps.method_from_args
+    monkeypatch.setattr(train_cps, "method_from_args", lambda *a, **kw: _nan_at(real_build(*a, **kw), bad_steps={1}))
     with pytest.raises(NonFiniteLossError, match=r"^step 2: "):
         train_cps.main(tiny_args(demo_root, tmp_path / "strict", "--method", "cps", "--max_train_steps", "3"))
 
