@@ -364,3 +364,20 @@ def test_step_logs_average_each_key_over_the_micro_batches_that_logged_it():
 
     logs = mean_logs([{"loss": 1.0, "pseudo_kept_u/red": 0.5}, {"loss": 3.0}, {"loss": 2.0, "pseudo_kept_u/red": 0.25}])
     assert logs == {"loss": 2.0, "pseudo_kept_u/red": 0.375}
+
+
+def test_agreement_leaves_out_class_0_only_where_it_is_background(tmp_path):
+    """Figure 7's `_fg` agreement leaves out background. Where class 0 is a real class (Cityscapes' road,
+    MSRC's building) there is no `_fg` log; an explicit None used to fall back to the default, class 0."""
+    from cps_hf.methods import StepLogs
+    from cps_hf.training import method_from_args
+
+    args = train_cps.parse_args(tiny_args(tmp_path, tmp_path / "out", "--method", "cps"))
+    predictions_1, predictions_2 = torch.tensor([[0, 0, 1, 2]]), torch.tensor([[0, 1, 1, 1]])
+    for names, index, fg in ((["background", "a", "b"], 0, pytest.approx(1 / 3)), (["road", "sidewalk", "car"], None, None)):
+        method = method_from_args(args, names)
+        logs = StepLogs()
+        method._log_agreement("agreement_u", predictions_1, predictions_2, logs)
+        floats = logs.to_floats()
+        assert method.background_index == index
+        assert floats["agreement_u"] == 0.5 and floats.get("agreement_u_fg") == fg

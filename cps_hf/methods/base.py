@@ -33,6 +33,7 @@ from ..losses import agreement_counts, cross_entropy, pseudo_labels
 from .class_shares import ClassAwareThreshold, log_class_shares
 
 PSEUDO_LABEL_NORMALIZATIONS = ("valid", "kept")
+NONE_IS_A_CHOICE = frozenset({"background_index"})  # options whose None means "none", not "the default"
 
 
 @dataclass
@@ -260,12 +261,13 @@ class Method:
     @classmethod
     def from_options(cls, sup_criterion, **options) -> "Method":
         """Build from the trainer's method options, taking those this class's __init__ (or a base's)
-        names; an option given as None keeps the method's own default."""
+        names; an option given as None keeps the method's own default, except where None is itself a choice
+        (`NONE_IS_A_CHOICE`: no background class, so no `agreement_*_fg` log)."""
         accepted = set()
         for klass in cls.__mro__:
             if "__init__" in vars(klass):
                 accepted |= set(inspect.signature(klass.__init__).parameters)
-        given = {k: v for k, v in options.items() if k in accepted and v is not None}
+        given = {k: v for k, v in options.items() if k in accepted and (v is not None or k in NONE_IS_A_CHOICE)}
         given.setdefault("cps_weight", cls.default_cps_weight)  # the trainer's lambda, unset: the method's own
         return cls(sup_criterion, **given)
 
