@@ -79,6 +79,7 @@ def parse_args(argv):
     parser.add_argument("--data-root", default=DEFAULT_DATA,
                         help="the MSRC-21 folder scripts/prepare_msrc.py wrote (default: %(default)s)")
     add_study_arguments(parser, SETTINGS, VARIANTS, fractions=False, docs_default="docs/msrc_study", block="MSRC",
+                        page="README.md",
                         runs_help="run folders (default: the setting's, under outputs/)")
     return finish_args(parser, parser.parse_args(argv))
 

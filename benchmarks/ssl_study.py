@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Every training method on generated scenes where labels are scarce: table, plots, cost. Resumable.
 
-    python benchmarks/ssl_study.py --jobs 2          # the study: 81 runs, ~1 h 30 min on 2 cores
+    python benchmarks/ssl_study.py --jobs 2          # the study: 135 runs, several hours on 2 cores
     python benchmarks/ssl_study.py --quick           # pipeline check: every method, 40 steps, < 10 min
     python benchmarks/ssl_study.py --report-only     # tables and figures again from the finished runs
 
@@ -74,12 +74,13 @@ from ssl_study_parts.report import report  # noqa: E402
 from ssl_study_parts.runner import check_identity, ensure_data, plan_runs, read_record, train_all  # noqa: E402
 from ssl_study_parts.settings import SETTINGS, VARIANTS, fraction_value  # noqa: E402
 
-SUMMARY_HOME = REPO / "docs"  # docs/study.md holds the summary block; its links are relative to docs/
+SUMMARY_HOME = REPO / "docs"  # docs/study.md holds the summary block: links from docs/ unless --update-readme names a page
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_study_arguments(parser, SETTINGS, VARIANTS, fractions=True, docs_default="docs/study", block="summary",
+                        page="docs/study.md",
                         runs_help="run folders and the generated data (default: the setting's)")
     return finish_args(parser, parser.parse_args(argv))
 
@@ -108,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         failed = train_all(runs, args.jobs)
         say(f"training finished in {time.perf_counter() - start:.0f} s; {len(failed)} run(s) failed")
-    report(runs, setting, args.setting, docs_dir, data_root, commands, docs_link(docs_dir, home=SUMMARY_HOME))
+    home = Path(args.update_readme).resolve().parent if args.update_readme else SUMMARY_HOME
+    report(runs, setting, args.setting, docs_dir, data_root, commands, docs_link(docs_dir, home=home))
     fragment = (docs_dir / "summary.md").read_text()
     if args.update_readme:
         update_readme(Path(args.update_readme), fragment)

@@ -2,7 +2,7 @@
 """Train the same preset with several methods (and seeds) and print their mIoU side by side.
 
 Same data, same labeled subset, same iterations and labeled batch for every method: the only
-difference is the method. This is how the README's demo table is made:
+difference is the method. This is how docs/demo.md's table is made:
 
     python scripts/compare_methods.py --config configs/demo.yaml --methods supervised cps_cutmix \
         --seeds 0 1 2 --output_dir outputs/demo_compare

@@ -176,3 +176,10 @@ def test_supervised_runs_train_first_then_the_costliest():
                                                                            "ncps", "supervised")]
     order = [r.variant for r in shared.run_order(runs, settings.VARIANTS)]
     assert order[:2] == ["supervised_random", "supervised"] and order[2:] == ["cps_strong", "ncps", "sps"]
+
+
+def test_an_incomplete_summary_names_the_rows_it_lacks():
+    text = _part("markdown").missing_runs_text(["mean_teacher 1/8 seed 0", "mean_teacher 1/8 seed 2",
+                                                  "cpc 1/4 seed 1", "fixmatch_ema 1/8 seed 0"])
+    assert text == ("mean teacher 1/8 (seeds 0, 2); CPC (cross probability consistency) 1/4 (seed 1); "
+                    "FixMatch, EMA teacher (UniMatch V2's) 1/8 (seed 0)")

@@ -3,7 +3,7 @@
     settings.py   what the study is: the methods (VARIANTS), the settings table, label fractions
     runner.py     the run folders: planning, resuming, training processes, the generated data
     aggregate.py  numbers from finished runs: scores, paired differences, cost, labeled objects
-    markdown.py   results.md, summary.md (the README section) and the README block it replaces
+    markdown.py   results.md, summary.md (docs/study.md's section) and replacing the marked block in a page
     figures.py    miou_vs_labels.png and predictions.png
     report.py     all of the above for one study, into its docs folder (results.md, ..., study.json)
 

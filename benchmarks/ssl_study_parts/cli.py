@@ -12,8 +12,9 @@ from . import REPO
 
 
 def add_study_arguments(parser: argparse.ArgumentParser, settings: dict, variants: dict, runs_help: str,
-                        docs_default: str, block: str, fractions: bool) -> None:
-    """The flags every study has; `fractions` adds --fractions (the synthetic study's label fractions)."""
+                        docs_default: str, block: str, fractions: bool, page: str) -> None:
+    """The flags every study has; `fractions` adds --fractions (the synthetic study's label fractions); `page`
+    is the page that holds the study's summary block (README.md, docs/study.md)."""
     parser.add_argument("--setting", choices=sorted(settings), default="full")
     parser.add_argument("--quick", action="store_true", help="same as --setting quick: checks the pipeline in minutes")
     parser.add_argument("--jobs", type=int, default=1,
@@ -26,8 +27,9 @@ def add_study_arguments(parser: argparse.ArgumentParser, settings: dict, variant
     parser.add_argument("--docs-dir", help=f"where the report goes (default: {docs_default} for the full setting)")
     parser.add_argument("--report-only", action="store_true", help="train nothing; report on the finished runs")
     parser.add_argument("--readme-fragment", action="store_true",
-                        help="print summary.md (the README section) at the end")
-    parser.add_argument("--update-readme", metavar="README", help=f"replace the marked {block} block in this file")
+                        help=f"print summary.md (the block {page} holds) at the end")
+    parser.add_argument("--update-readme", metavar="PAGE",
+                        help=f"replace the marked {block} block in this page ({page}); its links are written from there")
 
 
 def finish_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:

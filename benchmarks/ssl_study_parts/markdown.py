@@ -1,5 +1,5 @@
-"""The study's text: results.md (every number), summary.md (the README's section, between markers),
-the statements generated from the numbers, and replacing the marked block in a README.
+"""The study's text: results.md (every number), summary.md (the section docs/study.md holds between markers),
+the statements generated from the numbers, and replacing the marked block in a page (shared with msrc_study).
 """
 
 from __future__ import annotations
