@@ -5,6 +5,8 @@
 - `check_finite_state`: no network with a NaN/inf weight or BN statistic is evaluated or exported.
 - `failure_marker`: a run that raises leaves `FAILED.json` (the error, when, the last complete
   checkpoint) in its output folder; a run that finishes removes a stale one.
+- `collapsed_prediction`: an evaluation where one class covers nearly every scored pixel, far beyond
+  its share of the truth, is named (the trainer prints and logs it), since the loss does not show it.
 """
 
 from __future__ import annotations
@@ -128,6 +130,32 @@ def check_finite_state(networks: Iterable[nn.Module], when: str) -> None:
             f"{when}: {len(bad)} tensor(s) hold NaN or inf, e.g. {', '.join(bad[:3])}; the run diverged, "
             "so nothing is exported. Lower --learning_rate or resume from an earlier checkpoint"
         )
+
+
+COLLAPSE_SHARE = 0.9  # one class predicted on at least this share of the scored pixels ...
+COLLAPSE_TRUE_SHARE = 0.5  # ... while the truth gives it at most this share
+
+
+def collapsed_prediction(confusion_matrix, class_names: list[str] | None = None) -> str | None:
+    """A warning when one class takes >= 90% of the predicted pixels but <= 50% of the true ones, else None.
+
+    Seen on MSRC-21 (docs/methods.md, mean teacher + CutMix with a frozen-BN encoder): the encoder's
+    features became constant across images, so the network predicted one class everywhere in eval mode
+    (pixel accuracy 0.0) while the training loss, computed with batch statistics, looked ordinary.
+    `confusion_matrix` is (reference x prediction) over the scored pixels, as `MeanIoU` holds it.
+    """
+    matrix = torch.as_tensor(confusion_matrix).double()
+    total = float(matrix.sum())
+    if total <= 0:
+        return None
+    predicted, true = matrix.sum(0) / total, matrix.sum(1) / total
+    top = int(predicted.argmax())
+    if predicted[top] < COLLAPSE_SHARE or true[top] > COLLAPSE_TRUE_SHARE:
+        return None
+    name = class_names[top] if class_names and top < len(class_names) else f"class {top}"
+    return (f"the network predicts {name!r} on {predicted[top]:.0%} of the scored pixels, where the truth has "
+            f"{true[top]:.0%}: it has collapsed to one class (in eval mode; the training loss does not show it). "
+            "See 'collapse' in docs/methods.md: check --freeze_bn, lower --learning_rate, or resume an earlier checkpoint")
 
 
 def _last_complete_checkpoint(output_dir: Path) -> str | None:

@@ -39,9 +39,11 @@ import numpy as np
 
 from cps_hf.cli import ArgumentParser, run_cli
 from cps_hf.errors import UserInputError
+from cps_hf.failures import collapsed_prediction
 from cps_hf.inference import (TransformedDataset, add_protocol_arguments, check_model_source,
                               describe_protocol_choice, evaluate_model, load_checkpoint_networks, load_eval_split,
                               load_segmentation_model, model_eval_protocol, protocol_for_model)
+from cps_hf.metrics import MeanIoU
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -183,7 +185,7 @@ def main(argv=None) -> dict:
         split = split.select(range(min(args.max_samples, len(split))))
     data = TransformedDataset(split, EvalTransform(mean=mean, std=std, num_classes=num_labels))
 
-    metric = None
+    metric = MeanIoU(num_labels, ignore_index=255, device=accelerator.device)  # its matrix shows a collapse
     if args.metric != "cps_hf":
         from cps_hf.metrics import EvaluateModuleMeanIoU
 
@@ -201,6 +203,9 @@ def main(argv=None) -> dict:
         **protocol,
     )
     summary = {f"eval_{key}": _plain(value) for key, value in results.items()}
+    collapse = collapsed_prediction(metric.confusion_matrix, class_names) if isinstance(metric, MeanIoU) else None
+    if collapse:
+        summary["collapse_warning"] = collapse
     summary.update({
         "class_names": class_names,
         "model": args.model,
@@ -219,6 +224,8 @@ def main(argv=None) -> dict:
     if accelerator.is_main_process:
         print(format_table(results, class_names))
         print(f"protocol: {summary['protocol']}; {len(data)} images")
+        if collapse:
+            print(f"warning: {collapse}")
         if args.output:
             Path(args.output).parent.mkdir(parents=True, exist_ok=True)
             Path(args.output).write_text(json.dumps(summary, indent=2) + "\n")

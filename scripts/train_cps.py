@@ -45,11 +45,13 @@ from cps_hf.failures import (  # noqa: E402
     InterruptAtStepEnd,
     NonFiniteGuard,
     check_finite_state,
+    collapsed_prediction,
     deferred_interrupt,
     failure_marker,
 )
 from cps_hf.hub import build_model_card, export_ensemble, export_model, push_model  # noqa: E402
 from cps_hf.inference import TransformedDataset, evaluate_model  # noqa: E402
+from cps_hf.metrics import MeanIoU  # noqa: E402
 from cps_hf.optim import build_optimizer, learning_rates, poly_schedule  # noqa: E402
 from cps_hf.run_folder import claim_output_dir, clear_previous_run, continue_message  # noqa: E402
 from cps_hf.training import (  # noqa: E402
@@ -248,10 +250,15 @@ def train(args, stop: InterruptAtStepEnd | None = None) -> dict:
     def run_evaluation() -> dict:
         broadcast_buffers_from_main(networks, accelerator)  # every rank evaluates the model rank 0 exports
         check_finite_state([bare(n) for n in networks], f"step {progress.step}")
+        metric = MeanIoU(model_config.num_labels, ignore_index=bundle.ignore_index, device=accelerator.device)
         results = evaluate_model(
             [bare(networks[export_index])], val_set, num_labels=model_config.num_labels,
-            ignore_index=bundle.ignore_index, **model_config.eval_protocol, accelerator=accelerator,
+            ignore_index=bundle.ignore_index, **model_config.eval_protocol, accelerator=accelerator, metric=metric,
         )  # the protocol the export records, so evaluate_cps.py gives the same numbers; restores training mode
+        collapse = collapsed_prediction(metric.confusion_matrix, bundle.class_names)  # summed over ranks
+        if collapse:
+            accelerator.print(f"warning: step {progress.step}: {collapse}")
+            log.write({"step": progress.step, "collapse_warning": collapse})
         return {f"eval_{key}": value for key, value in results.items()}
 
     def export_network(folder: Path, results: dict) -> None:

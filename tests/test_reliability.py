@@ -10,11 +10,18 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from cps_hf.errors import ConfigError, UserInputError
-from cps_hf.failures import FAILED_MARKER, NonFiniteLossError, NonFiniteStateError, check_finite_state
+from cps_hf.failures import (
+    FAILED_MARKER,
+    NonFiniteLossError,
+    NonFiniteStateError,
+    check_finite_state,
+    collapsed_prediction,
+)
 
+from repo_modules import load
 from test_train import ROOT, SCRIPT, _read_log, demo_root, fresh_accelerate_state, tiny_args, train_cps  # noqa: F401
 
 TOKEN = "hf_ReliabilityTestSecret0123456789abcdef"
@@ -150,6 +157,40 @@ def test_init_from_starts_where_a_trained_model_ended(demo_root, tmp_path):
     before, after = load_file(first / "model" / "model.safetensors"), load_file(second / "model" / "model.safetensors")
     trained = [name for name in before if "running" not in name and "num_batches" not in name]
     assert trained and all(torch.allclose(before[name], after[name], rtol=0, atol=1e-12) for name in trained)
+
+
+def test_collapse_is_one_class_on_nearly_every_pixel_beyond_its_true_share():
+    names = ["background", "cat", "dog"]
+    collapsed = torch.tensor([[1, 0, 60], [0, 1, 30], [0, 0, 8]])  # rows truth, columns prediction: dog on 98/100
+    message = collapsed_prediction(collapsed, names)
+    assert message and "'dog' on 98%" in message and "truth has 8%" in message
+    healthy = torch.tensor([[50, 5, 5], [3, 20, 2], [2, 3, 10]])
+    mostly_background = torch.tensor([[90, 0, 0], [4, 1, 0], [3, 0, 2]])  # the truth is 90% background too
+    assert collapsed_prediction(healthy, names) is None and collapsed_prediction(mostly_background, names) is None
+    assert collapsed_prediction(torch.zeros(3, 3, dtype=torch.long), names) is None  # nothing scored
+
+
+def test_an_evaluation_that_predicts_one_class_everywhere_is_warned_and_logged(demo_root, tmp_path, capsys):
+    """A real collapse: the classifier's bias makes one class win on every pixel; evaluation names it."""
+    first = tmp_path / "first"
+    train_cps.main(tiny_args(demo_root, first, "--method", "supervised", "--max_train_steps", "1"))
+    weights = load_file(first / "model" / "model.safetensors")
+    bias = next(name for name in weights if name.endswith("classifier.bias"))
+    weights[bias] = torch.full_like(weights[bias], -1e4)
+    weights[bias][1] = 1e4
+    save_file(weights, first / "model" / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "collapsed"
+    capsys.readouterr()
+    train_cps.main(tiny_args(demo_root, out, "--method", "supervised", "--max_train_steps", "1", "--learning_rate", "1e-30",
+                             "--init_from", str(first / "model")))
+    class_name = json.loads((first / "model" / "config.json").read_text())["id2label"]["1"]
+    warned = [r for r in _read_log(out) if "collapse_warning" in r]
+    assert len(warned) == 1 and warned[0]["step"] == 1 and f"predicts {class_name!r} on 100%" in warned[0]["collapse_warning"]
+    assert "warning: step 1: the network predicts" in capsys.readouterr().out
+    summary = load("scripts/evaluate_cps.py").main(["--model", str(out / "model"), "--dataset", "voc",
+                                                    "--data_root", str(demo_root), "--split", "val"])
+    assert f"predicts {class_name!r} on 100%" in summary["collapse_warning"]
+    assert "warning: the network predicts" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("flags, error, message", [
