@@ -20,6 +20,8 @@ from torch import nn
 from .configuration_cps import CPSConfig
 from .errors import ConfigError
 from .inference import make_eval_protocol
+from .losses import OhemCrossEntropy, cross_entropy
+from .methods import build_method
 from .modeling_cps import CPSForSemanticSegmentation, UnknownBackboneError
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
@@ -77,9 +79,6 @@ def strong_view_settings(args):
 def method_from_args(args, class_names: list[str]):
     """The `--method` with every method flag applied: the one place flags become a method, so the trainer and the
     benchmarks that time its step (benchmarks/gpu_speed.py) cannot drift apart."""
-    from .losses import OhemCrossEntropy, cross_entropy
-    from .methods import build_method
-
     return build_method(
         args.method,
         sup_criterion=(

@@ -179,7 +179,10 @@ def test_supervised_runs_train_first_then_the_costliest():
 
 
 def test_an_incomplete_summary_names_the_rows_it_lacks():
-    text = _part("markdown").missing_runs_text(["mean_teacher 1/8 seed 0", "mean_teacher 1/8 seed 2",
-                                                  "cpc 1/4 seed 1", "fixmatch_ema 1/8 seed 0"])
+    runner = _part("runner")
+    unfinished = [runner.Run(fraction, variant, seed, Path(variant), [], Path("."), {})
+                  for variant, fraction, seed in (("mean_teacher", "1/8", 0), ("mean_teacher", "1/8", 2),
+                                                  ("cpc", "1/4", 1), ("fixmatch_ema", "1/8", 0))]
+    text = _part("markdown").missing_runs_text(unfinished)
     assert text == ("mean teacher 1/8 (seeds 0, 2); CPC (cross probability consistency) 1/4 (seed 1); "
                     "FixMatch, EMA teacher (UniMatch V2's) 1/8 (seed 0)")

@@ -260,20 +260,18 @@ def results_markdown(summary: dict, setting: dict, class_names: list[str], comma
     return "\n".join(out)
 
 
-def missing_runs_text(missing: list[str]) -> str:
-    """Unfinished runs ("<variant> <fraction> seed <k>") as one group per method and fraction, in the labels the
-    table uses: "mean teacher 1/8 (seeds 0, 1, 2)"."""
+def missing_runs_text(unfinished) -> str:
+    """Unfinished runs (objects with .variant, .fraction, .seed) as one group per method and fraction, in the
+    labels the table uses: "mean teacher 1/8 (seeds 0, 1, 2)"."""
     groups: dict[tuple[str, str], list[str]] = {}
-    for name in missing:
-        run, seed = name.rsplit(" seed ", 1)
-        variant, fraction = run.rsplit(" ", 1)
-        groups.setdefault((variant, fraction), []).append(seed)
+    for run in unfinished:
+        groups.setdefault((run.variant, run.fraction), []).append(str(run.seed))
     return "; ".join(f"{VARIANTS[variant][2] if variant in VARIANTS else variant} {fraction} "
                      f"(seed{'s' * (len(seeds) > 1)} {', '.join(seeds)})" for (variant, fraction), seeds in groups.items())
 
 
 def summary_markdown(summary: dict, setting: dict, class_names: list[str], commands: dict, docs_link: str,
-                     data: dict, missing: list[str]) -> str:
+                     data: dict, unfinished: list) -> str:
     """The README's lead section: compact table, generated findings, links (relative to the README)."""
     table, cost = summary["table"], summary["cost"]
     fractions = ordered_fractions(table)
@@ -290,9 +288,9 @@ def summary_markdown(summary: dict, setting: dict, class_names: list[str], comma
            f"over {seeds} seed{'s' * (seeds != 1)}; a seed picks the labeled images and is shared by all methods; "
            "Δ is the mean paired difference to supervised (in brackets: seeds where the method beats supervised); "
            "time is per step, as a ratio to supervised. Final weights, nothing selected on the test images.", ""]
-    if missing:
-        out += [f"**Incomplete**: {len(missing)} run(s) not finished, so these rows are missing or have fewer "
-                f"seeds: {missing_runs_text(missing)}.", ""]
+    if unfinished:
+        out += [f"**Incomplete**: {len(unfinished)} run(s) not finished, so these rows are missing or have fewer "
+                f"seeds: {missing_runs_text(unfinished)}.", ""]
     out += ["| method |" + "".join(f" {f} | Δ |" for f in fractions) + " time |",
             "|---|" + "---|---|" * len(fractions) + "---|"]
     out += method_rows(table, cost, fractions, wins_column=False, variants=VARIANTS)

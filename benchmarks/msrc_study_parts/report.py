@@ -52,7 +52,8 @@ def report(runs: list[Run], setting: dict, setting_name: str, docs_dir: Path, da
     if not rows:
         raise UserInputError(f"no finished runs under {runs[0].folder.parents[1] if runs else '?'} to report on; "
                              "train them first (drop --report-only)")
-    missing = [run.name for run in runs if not (run.folder / "all_results.json").is_file()]
+    unfinished = [run for run in runs if not (run.folder / "all_results.json").is_file()]
+    missing = [run.name for run in unfinished]
     summary = aggregate(rows, class_names, variants=VARIANTS)
     fractions = sorted({run.fraction for run in runs})
     summary["labeled_images"] = {f: {seed: labeled_images(data_root, f, seed, class_names) for seed in setting["seeds"]}
@@ -71,7 +72,7 @@ def report(runs: list[Run], setting: dict, setting_name: str, docs_dir: Path, da
     (docs_dir / "results.md").write_text(results_markdown(summary, setting, class_names, commands, data, data_text,
                                                           missing))
     (docs_dir / "summary.md").write_text(summary_markdown(summary, setting, class_names, commands, docs_link, data,
-                                                          missing))
+                                                          unfinished))
     study = {"setting": setting_name, "settings": setting, "commands": commands, "data": data,
              "class_names": class_names,
              "variants": {name: {"method": m, "flags": f, "label": label} for name, (m, f, label) in VARIANTS.items()},
