@@ -56,7 +56,8 @@ def plot_by_method(summary: dict, path: Path, title: str) -> Path:
     right.set_xlabel("paired difference to supervised (points)")
     for axes in (left, right):
         axes.grid(alpha=0.3)
-    left.legend(loc="lower left", fontsize=8, title="dots: seeds; diamond: mean", title_fontsize=8)
+    left.legend(loc="upper center", bbox_to_anchor=(1.0, -0.07), ncol=len(fractions) + 1, fontsize=8,
+                title="dots: seeds; diamond: mean", title_fontsize=8)  # under both panels: over none of the dots
     figure.suptitle(title, fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, format="png", bbox_inches="tight")
