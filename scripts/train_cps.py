@@ -259,7 +259,8 @@ def train(args, stop: InterruptAtStepEnd | None = None) -> dict:
         if collapse:
             accelerator.print(f"warning: step {progress.step}: {collapse}")
             log.write({"step": progress.step, "collapse_warning": collapse})
-        return {f"eval_{key}": value for key, value in results.items()}
+        scores = {f"eval_{key}": value for key, value in results.items()}
+        return (scores | {"collapse_warning": collapse}) if collapse else scores  # all_results.json keeps it
 
     def export_network(folder: Path, results: dict) -> None:
         """The evaluated network (network 1 for CPS, as the paper; the student for mean teacher, unless
