@@ -227,6 +227,7 @@ def _card_body(
     repo_id: str | None,
     remote_code: bool,
     exported_network: str | None = None,
+    collapse_warning: str | None = None,
 ) -> str:
     model_ref = repo_id or "path/to/exported-model"
     ensemble_size = getattr(config, "ensemble_size", None)  # a CPSEnsembleConfig: all the run's networks
@@ -278,6 +279,8 @@ def _card_body(
         lines += ["| Metric | Value (%) |", "|---|---|"]
         lines += [f"| {SCALAR_METRICS[name]} | {_percent(value)} |" for name, value in metrics.items()]
         lines.append("")
+    if collapse_warning:  # the trainer's check of this evaluation (cps_hf.failures.collapsed_prediction)
+        lines += [f"**Warning: at this evaluation {_cell(collapse_warning)}.**", ""]
     if per_class is not None:
         lines += ["### Per-class IoU", "", "| Id | Class | IoU (%) |", "|---|---|---|"]
         for class_id, iou in enumerate(per_class):
@@ -402,6 +405,7 @@ def build_model_card(
         repo_id=repo_id,
         remote_code=remote_code,
         exported_network=exported_network,
+        collapse_warning=results.get("collapse_warning"),
     )
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
 

@@ -188,6 +188,10 @@ def test_an_evaluation_that_predicts_one_class_everywhere_is_warned_and_logged(d
     assert len(warned) == 1 and warned[0]["step"] == 1 and f"predicts {class_name!r} on 100%" in warned[0]["collapse_warning"]
     assert "warning: step 1: the network predicts" in capsys.readouterr().out
     assert warned[0]["collapse_warning"] == json.loads((out / "all_results.json").read_text())["collapse_warning"]
+    card = (out / "model" / "README.md").read_text()
+    assert f"**Warning: at this evaluation the network predicts {class_name!r} on 100%" in card
+    first_collapsed = "collapse_warning" in json.loads((first / "all_results.json").read_text())
+    assert ("**Warning: at this evaluation" in (first / "model" / "README.md").read_text()) == first_collapsed
     summary = load("scripts/evaluate_cps.py").main(["--model", str(out / "model"), "--dataset", "voc",
                                                     "--data_root", str(demo_root), "--split", "val"])
     assert f"predicts {class_name!r} on 100%" in summary["collapse_warning"]
